@@ -1,0 +1,285 @@
+"""Configuration: dataclasses with defaults, then a TOML file, then command-line flags.
+
+Every field of ``ViTConfig`` and ``TrainConfig`` is a flag: ``--<name>`` with ``_`` written as
+``-`` (a few model fields have the short names DESIGN.md gives, e.g. ``--dim`` for
+``embed_dim``). A TOML file given with ``--config FILE`` (or the name of a preset shipped in
+``dpvit/configs/``, e.g. ``--config mnist``) may set the same keys, written as the flag names
+with underscores; flags given on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def _opt(default: Any, help: str, flag: str | None = None, choices: tuple | None = None):
+    """A dataclass field with its help text, optional short flag name and allowed values."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+
+
+@dataclass
+class ViTConfig:
+    """The model shape. On resume it always comes from the checkpoint."""
+
+    img_size: int = _opt(28, "input image side in pixels")
+    in_chans: int = _opt(1, "input channels")
+    num_classes: int = _opt(10, "number of classes")
+    patch_size: int = _opt(4, "patch side in pixels; must divide img_size")
+    embed_dim: int = _opt(64, "token embedding size D", flag="dim")
+    depth: int = _opt(6, "number of transformer blocks")
+    num_heads: int = _opt(4, "attention heads; must divide embed_dim", flag="heads")
+    mlp_ratio: float = _opt(2.0, "MLP hidden size as a multiple of embed_dim")
+    qkv_bias: bool = _opt(True, "bias on the fused qkv projection")
+    patch_embed: str = _opt("linear", "patch embedding", choices=("linear", "conv"))
+    pos_embed: str = _opt("learned", "position embedding", choices=("learned", "sincos"))
+    pool: str = _opt("cls", "pooling before the head", choices=("cls", "mean"))
+    drop_rate: float = _opt(0.0, "dropout after attention projection and in the MLP")
+    attn_drop_rate: float = _opt(0.0, "dropout on attention weights")
+
+    def validate(self) -> None:
+        """Raise ValueError with one clear sentence for an impossible shape."""
+        for name in ("img_size", "in_chans", "num_classes", "patch_size", "embed_dim", "depth",
+                     "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"patch_size ({self.patch_size}) must divide img_size ({self.img_size})"
+            )
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.pos_embed == "sincos" and self.embed_dim % 4:
+            raise ValueError(f"sincos pos_embed needs embed_dim divisible by 4, got {self.embed_dim}")
+        for name in ("drop_rate", "attn_drop_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass
+class TrainConfig:
+    """How to train. The learning rate is for the global batch, whatever the rank count."""
+
+    dataset: str = _opt("mnist", "dataset", choices=("mnist", "fashion-mnist"))
+    data_dir: str | None = _opt(None, "dataset directory (default $DPVIT_DATA_DIR or data/<dataset>)")
+    epochs: int = _opt(10, "training epochs")
+    max_steps: int | None = _opt(None, "stop after this many optimizer steps in all")
+    batch_size: int = _opt(256, "global batch size, across all ranks")
+    optimizer: str = _opt("adamw", "optimizer", choices=("adamw", "sgd"))
+    lr: float = _opt(2e-3, "peak learning rate for the global batch")
+    min_lr: float = _opt(1e-5, "learning rate at the end of the cosine schedule")
+    warmup_steps: int = _opt(500, "linear warmup steps")
+    weight_decay: float = _opt(0.05, "decoupled weight decay (not on biases, norms, embeddings)")
+    momentum: float = _opt(0.9, "SGD momentum")
+    nesterov: bool = _opt(False, "Nesterov momentum for SGD")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.999, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
+    label_smoothing: float = _opt(0.1, "cross-entropy label smoothing")
+    augment: bool = _opt(True, "random shift/rotation/scale of training images")
+    seed: int = _opt(0, "seed for initialisation, shuffling, augmentation and dropout")
+    run_dir: str | None = _opt(None, "output directory (default runs/<dataset>-<timestamp>)")
+    resume: str | None = _opt(None, "'auto' (newest valid checkpoint in run_dir) or a path")
+    checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: only at epoch ends)")
+    keep: int = _opt(3, "rolling step checkpoints to keep")
+    log_every: int = _opt(50, "log training metrics every N steps")
+    train_subset: int | None = _opt(None, "use only the first N training images")
+    test_subset: int | None = _opt(None, "use only the first N test images")
+    dtype: str = _opt("float32", "parameter and activation dtype", choices=("float32", "float64"))
+    no_progress: bool = _opt(False, "plain log lines instead of a progress bar")
+    debug: bool = _opt(False, "single-process debug mode: float64, small subset, checks")
+
+    def validate(self) -> None:
+        """Raise ValueError with one clear sentence for an impossible setting."""
+        positive = ("epochs", "batch_size", "keep", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("max_steps", "train_subset", "test_subset"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.grad_clip < 0:
+            raise ValueError("warmup_steps, checkpoint_every and grad_clip must not be negative")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass
+class Config:
+    """Everything a run needs; serialised as JSON into checkpoints and config.json."""
+
+    model: ViTConfig = field(default_factory=ViTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, dict[str, Any]]) -> Config:
+        """Rebuild a Config from ``to_dict`` output (unknown keys are an error)."""
+        model = _apply(ViTConfig(), data.get("model", {}), "model")
+        train = _apply(TrainConfig(), data.get("train", {}), "train")
+        return cls(model=model, train=train)
+
+
+def _flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or f.name.replace("_", "-")
+
+
+def _key_map() -> dict[str, tuple[str, str]]:
+    """TOML/flag key (underscored) -> (section, field name)."""
+    keys = {}
+    for section, cls in (("model", ViTConfig), ("train", TrainConfig)):
+        for f in fields(cls):
+            keys[_flag_name(f).replace("-", "_")] = (section, f.name)
+            keys[f.name] = (section, f.name)
+    return keys
+
+
+def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
+    """Check a TOML value against the field's type; ints are accepted for floats."""
+    kind = type(f.default) if f.default is not None else None
+    if value is None:
+        return None
+    if f.name in ("max_steps", "train_subset", "test_subset"):
+        kind = int
+    elif f.name in ("data_dir", "run_dir", "resume"):
+        kind = str
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is not None and not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{where}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ValueError(f"{where}: must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _apply(obj: Any, values: dict[str, Any], section: str) -> Any:
+    by_name = {f.name: f for f in fields(obj)}
+    for key, value in values.items():
+        if key not in by_name:
+            raise ValueError(
+                f"unknown {section} key {key!r}; valid keys: {', '.join(sorted(by_name))}"
+            )
+        setattr(obj, key, _coerce(value, by_name[key], f"{section}.{key}"))
+    return obj
+
+
+def read_toml(path_or_preset: str) -> dict[str, Any]:
+    """Read a TOML config file, or a preset by name from ``dpvit/configs/``."""
+    path = Path(path_or_preset)
+    if not path.exists() and (CONFIG_DIR / f"{path_or_preset}.toml").exists():
+        path = CONFIG_DIR / f"{path_or_preset}.toml"
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        presets = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+        raise ValueError(
+            f"config file {path_or_preset} not found (presets: {', '.join(presets) or 'none'})"
+        ) from None
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"config file {path} is not valid TOML: {err}") from None
+    keys = _key_map()
+    unknown = sorted(k for k in data if k not in keys)
+    if unknown:
+        raise ValueError(
+            f"config file {path}: unknown key(s) {', '.join(unknown)}; "
+            f"valid keys: {', '.join(sorted(keys))}"
+        )
+    return data
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _none_or(kind: type):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ValueError (one clear line) instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise ValueError(f"{message} (see --help)")
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser with ``--config`` and one flag per config field, defaults left unset."""
+    parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="TOML file, or a preset name (e.g. mnist)")
+    for title, cls in (("model", ViTConfig), ("training", TrainConfig)):
+        group = parser.add_argument_group(title)
+        for f in fields(cls):
+            flag = "--" + _flag_name(f)
+            help_text = f"{f.metadata['help']} (default: {f.default})"
+            if isinstance(f.default, bool):
+                if f.default is False and f.name in ("no_progress", "debug", "nesterov"):
+                    group.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+                else:
+                    group.add_argument(flag, dest=f.name, type=_parse_bool, metavar="BOOL",
+                                       help=help_text)
+                continue
+            kind = {int: int, float: float, str: str}.get(type(f.default), str)
+            if f.name in ("max_steps", "train_subset", "test_subset"):
+                kind = _none_or(int)
+            group.add_argument(flag, dest=f.name, type=kind, choices=f.metadata.get("choices"),
+                               help=help_text)
+    return parser
+
+
+def load_config(argv: list[str] | None, prog: str = "dpvit.train") -> tuple[Config, set[str]]:
+    """Defaults, then the TOML file, then flags. Returns the config and the keys set explicitly.
+
+    Raises:
+        ValueError: an unknown flag or key, a value of the wrong type, or an impossible shape.
+    """
+    parser = build_parser(prog, "Train a numpy Vision Transformer, data-parallel over MPI.")
+    args = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    keys = _key_map()
+    if "config" in args:
+        for key, value in read_toml(args.pop("config")).items():
+            values[keys[key][1]] = (keys[key][0], value)
+    for name, value in args.items():
+        values[name] = (keys[name][0], value)
+    sections = {"model": {}, "train": {}}
+    for name, (section, value) in values.items():
+        sections[section][name] = value
+    cfg = Config.from_dict(sections)
+    cfg.model.validate()
+    cfg.train.validate()
+    return cfg, set(values)

@@ -1,0 +1,241 @@
+"""The Vision Transformer: patch embedding, cls token, position embedding, pre-norm blocks.
+
+Module and parameter names follow timm (``patch_embed.proj.weight``, ``cls_token``,
+``pos_embed``, ``blocks.3.attn.qkv.weight``, ``blocks.3.mlp.fc2.bias``, ``norm.weight``,
+``head.bias``), so checkpoints read like timm state dicts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dpvit.config import ViTConfig
+from dpvit.nn.attention import Attention
+from dpvit.nn.layers import GELU, Conv2d, Dropout, Layer, LayerNorm, Linear
+from dpvit.nn.params import ParamStore
+
+
+class PatchEmbed(Layer):
+    """Image (B, C, H, W) -> patch tokens (B, N, D), N = (H/p) * (W/p).
+
+    ``kind="linear"`` flattens each patch in (C, p, p) order and applies a Linear; ``"conv"``
+    is a convolution with kernel = stride = p, as in timm. The two compute the same function
+    (the linear weight is the conv weight flattened), so ``linear`` is the cheaper default.
+    """
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int,
+                 kind: str = "linear") -> None:
+        super().__init__()
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.grid = img_size // patch_size
+        self.num_patches = self.grid * self.grid
+        self.kind = kind
+        if kind == "linear":
+            self.proj = self.add("proj", Linear(in_chans * patch_size * patch_size, embed_dim))
+        elif kind == "conv":
+            self.proj = self.add("proj", Conv2d(in_chans, embed_dim, patch_size, patch_size))
+        else:
+            raise ValueError(f"patch_embed must be 'linear' or 'conv', got {kind!r}")
+
+    def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
+        B, C = x.shape[:2]
+        g, p = self.grid, self.patch_size
+        if self.kind == "conv":
+            y = self.proj.forward(x, train)  # (B, D, g, g)
+            return y.reshape(B, y.shape[1], g * g).transpose(0, 2, 1)
+        patches = x.reshape(B, C, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(B, g * g, -1)
+        return self.proj.forward(patches, train)
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        B, N, D = dy.shape
+        g, p, C = self.grid, self.patch_size, self.in_chans
+        if self.kind == "conv":
+            return self.proj.backward(dy.transpose(0, 2, 1).reshape(B, D, g, g))
+        dpatches = self.proj.backward(dy).reshape(B, g, g, C, p, p)
+        return dpatches.transpose(0, 3, 1, 4, 2, 5).reshape(B, C, g * p, g * p)
+
+
+def sincos_pos_embed(embed_dim: int, grid: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding (1, grid*grid + 1, D), zeros for the cls token.
+
+    Half of D encodes the row, half the column; each half is sin and cos of the position at
+    D/4 frequencies 1 / 10000^(i / (D/4)), as in MAE.
+    """
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    parts = []
+    for pos in (rows.reshape(-1), cols.reshape(-1)):
+        angles = np.outer(pos, omega)
+        parts += [np.sin(angles), np.cos(angles)]
+    table = np.concatenate(parts, axis=1)
+    return np.concatenate([np.zeros((1, embed_dim)), table])[None]
+
+
+class Mlp(Layer):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout."""
+
+    def __init__(self, dim: int, hidden: int, drop: float, layer_id: int) -> None:
+        super().__init__()
+        self.fc1 = self.add("fc1", Linear(dim, hidden))
+        self.act = self.add("act", GELU())
+        self.drop1 = self.add("drop1", Dropout(drop, layer_id))
+        self.fc2 = self.add("fc2", Linear(hidden, dim))
+        self.drop2 = self.add("drop2", Dropout(drop, layer_id + 1))
+        self.sequence = [self.fc1, self.act, self.drop1, self.fc2, self.drop2]
+
+    def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
+        for layer in self.sequence:
+            x = layer.forward(x, train)
+        return x
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        for layer in reversed(self.sequence):
+            dy = layer.backward(dy)
+        return dy
+
+
+class Block(Layer):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, cfg: ViTConfig, index: int) -> None:
+        super().__init__()
+        D = cfg.embed_dim
+        base = 4 * index  # four dropout layers per block, each keyed by its own id
+        self.norm1 = self.add("norm1", LayerNorm(D))
+        self.attn = self.add("attn", Attention(D, cfg.num_heads, cfg.qkv_bias,
+                                               cfg.attn_drop_rate, cfg.drop_rate, base))
+        self.norm2 = self.add("norm2", LayerNorm(D))
+        self.mlp = self.add("mlp", Mlp(D, int(D * cfg.mlp_ratio), cfg.drop_rate, base + 2))
+
+    def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
+        x = x + self.attn.forward(self.norm1.forward(x, train), train)
+        return x + self.mlp.forward(self.norm2.forward(x, train), train)
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        # the residual sends dy both around and through each branch
+        dx = dy + self.norm2.backward(self.mlp.backward(dy))
+        return dx + self.norm1.backward(self.attn.backward(dx))
+
+
+class VisionTransformer(Layer):
+    """ViT classifier over (B, C, H, W) images; returns logits (B, num_classes).
+
+    Args:
+        cfg: model shape (validated here).
+        dtype: float32 for training, float64 for gradient checks.
+        seed: initialisation seed (the same on every rank, so all ranks start identical).
+    """
+
+    def __init__(self, cfg: ViTConfig, dtype: np.dtype | type = np.float32, seed: int = 0):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        D = cfg.embed_dim
+        self.patch_embed = self.add("patch_embed", PatchEmbed(
+            cfg.img_size, cfg.patch_size, cfg.in_chans, D, cfg.patch_embed))
+        n_tokens = self.patch_embed.num_patches + 1
+        self.declare("cls_token", (1, 1, D), no_weight_decay=True)
+        self.fixed_pos_embed = None
+        if cfg.pos_embed == "learned":
+            self.declare("pos_embed", (1, n_tokens, D), no_weight_decay=True)
+        self.blocks = [self.add(f"blocks.{i}", Block(cfg, i)) for i in range(cfg.depth)]
+        self.norm = self.add("norm", LayerNorm(D))
+        self.head = self.add("head", Linear(D, cfg.num_classes))
+        self.store = ParamStore(self, dtype)
+        if cfg.pos_embed == "sincos":
+            self.fixed_pos_embed = sincos_pos_embed(D, self.patch_embed.grid).astype(dtype)
+        self.dropouts = [m for _, m in self.named_modules() if isinstance(m, Dropout) and m.p]
+        self.init_weights(seed)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.store.dtype
+
+    def init_weights(self, seed: int) -> None:
+        """timm-style init: trunc-normal(0.02) weights and pos_embed, cls_token ~ N(0, 1e-6),
+        zero biases, unit norm scales. Written in place into the flat buffer."""
+        rng = np.random.default_rng(seed)
+        for _, module in self.named_modules():
+            for local, view in module.params.items():
+                if isinstance(module, LayerNorm):
+                    view[...] = 1.0 if local == "weight" else 0.0
+                elif local == "bias":
+                    view[...] = 0.0
+                elif local == "cls_token":
+                    view[...] = rng.normal(0.0, 1e-6, view.shape)
+                else:  # Linear/Conv weights and pos_embed: N(0, 0.02) truncated at 2 std
+                    view[...] = np.clip(rng.normal(0.0, 0.02, view.shape), -0.04, 0.04)
+
+    def num_params(self) -> int:
+        return self.store.numel
+
+    def set_dropout_keys(self, seed: int, step: int, sample_ids: np.ndarray) -> None:
+        """Key this step's dropout masks by global sample index (no-op without dropout)."""
+        for layer in self.dropouts:
+            layer.set_keys(seed, step, sample_ids)
+
+    def check_input(self, x: np.ndarray) -> None:
+        """Raise ValueError naming the expected and actual image shape."""
+        c, s = self.cfg.in_chans, self.cfg.img_size
+        if x.ndim != 4 or x.shape[1:] != (c, s, s):
+            raise ValueError(
+                f"expected images of shape (batch, {c}, {s}, {s}), got {tuple(x.shape)}"
+            )
+
+    def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
+        self.check_input(x)
+        x = np.asarray(x, dtype=self.dtype)
+        tokens = self.patch_embed.forward(x, train)  # (B, N, D)
+        B, N, D = tokens.shape
+        h = np.empty((B, N + 1, D), dtype=self.dtype)
+        h[:, :1] = self.params["cls_token"]
+        h[:, 1:] = tokens
+        h += self.params["pos_embed"] if self.fixed_pos_embed is None else self.fixed_pos_embed
+        for block in self.blocks:
+            h = block.forward(h, train)
+        h = self.norm.forward(h, train)
+        pooled = h[:, 0] if self.cfg.pool == "cls" else h[:, 1:].mean(axis=1)
+        self.cache = h.shape
+        return self.head.forward(pooled, train)
+
+    def backward(self, dlogits: np.ndarray) -> np.ndarray:
+        """Backward through the whole model; accumulates every gradient, returns d(images)."""
+        B, T, D = self._take_cache()
+        dpooled = self.head.backward(dlogits)
+        dh = np.zeros((B, T, D), dtype=dpooled.dtype)
+        if self.cfg.pool == "cls":
+            dh[:, 0] = dpooled
+        else:
+            dh[:, 1:] = (dpooled / (T - 1))[:, None, :]
+        dh = self.norm.backward(dh)
+        for block in reversed(self.blocks):
+            dh = block.backward(dh)
+        if self.fixed_pos_embed is None:
+            self.grads["pos_embed"] += dh.sum(axis=0, keepdims=True)
+        self.grads["cls_token"] += dh[:, :1].sum(axis=0, keepdims=True)
+        return self.patch_embed.backward(dh[:, 1:])
+
+    def predict_proba(self, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
+        """Softmax probabilities in evaluation mode, in batches (no gradients kept)."""
+        out = []
+        for start in range(0, len(x), batch_size):
+            logits = self.forward(x[start : start + batch_size], train=False)
+            logits = logits - logits.max(axis=1, keepdims=True)
+            p = np.exp(logits)
+            out.append(p / p.sum(axis=1, keepdims=True))
+        return np.concatenate(out) if out else np.zeros((0, self.cfg.num_classes), self.dtype)
+
+
+def expected_num_params(cfg: ViTConfig) -> int:
+    """Parameter count from the shape alone (the formula tests check the model against)."""
+    D, p, C = cfg.embed_dim, cfg.patch_size, cfg.in_chans
+    n = (cfg.img_size // p) ** 2
+    hidden = int(D * cfg.mlp_ratio)
+    patch = D * C * p * p + D
+    pos = (n + 1) * D if cfg.pos_embed == "learned" else 0
+    block = (2 * 2 * D  # two layer norms
+             + 3 * D * D + (3 * D if cfg.qkv_bias else 0)  # qkv
+             + D * D + D  # proj
+             + D * hidden + hidden + hidden * D + D)  # mlp
+    return patch + D + pos + cfg.depth * block + 2 * D + D * cfg.num_classes + cfg.num_classes
