@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from dpvit.errors import ConfigError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on Python 3.10
@@ -50,26 +52,26 @@ class ViTConfig:
     attn_drop_rate: float = _opt(0.0, "dropout on attention weights")
 
     def validate(self) -> None:
-        """Raise ValueError with one clear sentence for an impossible shape."""
+        """Raise ConfigError with one clear sentence for an impossible shape."""
         for name in ("img_size", "in_chans", "num_classes", "patch_size", "embed_dim", "depth",
                      "num_heads"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.img_size % self.patch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"patch_size ({self.patch_size}) must divide img_size ({self.img_size})"
             )
         if self.embed_dim % self.num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
             )
         if self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+            raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
         if self.pos_embed == "sincos" and self.embed_dim % 4:
-            raise ValueError(f"sincos pos_embed needs embed_dim divisible by 4, got {self.embed_dim}")
+            raise ConfigError(f"sincos pos_embed needs embed_dim divisible by 4, got {self.embed_dim}")
         for name in ("drop_rate", "attn_drop_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 @dataclass
@@ -106,21 +108,21 @@ class TrainConfig:
     debug: bool = _opt(False, "single-process debug mode: float64, small subset, checks")
 
     def validate(self) -> None:
-        """Raise ValueError with one clear sentence for an impossible setting."""
+        """Raise ConfigError with one clear sentence for an impossible setting."""
         positive = ("epochs", "batch_size", "keep", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         for name in ("max_steps", "train_subset", "test_subset"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}")
+                raise ConfigError(f"{name} must be a positive integer, got {value}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.grad_clip < 0:
-            raise ValueError("warmup_steps, checkpoint_every and grad_clip must not be negative")
+            raise ConfigError("warmup_steps, checkpoint_every and grad_clip must not be negative")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass
@@ -170,10 +172,10 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is not None and not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"{where}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
-        raise ValueError(f"{where}: must be one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(f"{where}: must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 
@@ -181,7 +183,7 @@ def _apply(obj: Any, values: dict[str, Any], section: str) -> Any:
     by_name = {f.name: f for f in fields(obj)}
     for key, value in values.items():
         if key not in by_name:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown {section} key {key!r}; valid keys: {', '.join(sorted(by_name))}"
             )
         setattr(obj, key, _coerce(value, by_name[key], f"{section}.{key}"))
@@ -198,15 +200,15 @@ def read_toml(path_or_preset: str) -> dict[str, Any]:
             data = tomllib.load(fh)
     except FileNotFoundError:
         presets = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
-        raise ValueError(
+        raise ConfigError(
             f"config file {path_or_preset} not found (presets: {', '.join(presets) or 'none'})"
         ) from None
     except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"config file {path} is not valid TOML: {err}") from None
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
     keys = _key_map()
     unknown = sorted(k for k in data if k not in keys)
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"config file {path}: unknown key(s) {', '.join(unknown)}; "
             f"valid keys: {', '.join(sorted(keys))}"
         )
@@ -231,10 +233,10 @@ def _none_or(kind: type):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that raises ValueError (one clear line) instead of printing usage and exiting."""
+    """argparse that raises ConfigError (one clear line) instead of printing usage and exiting."""
 
     def error(self, message: str):
-        raise ValueError(f"{message} (see --help)")
+        raise ConfigError(f"{message} (see --help)")
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -265,7 +267,7 @@ def load_config(argv: list[str] | None, prog: str = "dpvit.train") -> tuple[Conf
     """Defaults, then the TOML file, then flags. Returns the config and the keys set explicitly.
 
     Raises:
-        ValueError: an unknown flag or key, a value of the wrong type, or an impossible shape.
+        ConfigError: an unknown flag or key, a value of the wrong type, or an impossible shape.
     """
     parser = build_parser(prog, "Train a numpy Vision Transformer, data-parallel over MPI.")
     args = vars(parser.parse_args(argv))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from dpvit.config import ViTConfig
+from dpvit.errors import InputError
 from dpvit.nn.attention import Attention
 from dpvit.nn.layers import GELU, Conv2d, Dropout, Layer, LayerNorm, Linear
 from dpvit.nn.params import ParamStore
@@ -176,10 +177,10 @@ class VisionTransformer(Layer):
             layer.set_keys(seed, step, sample_ids)
 
     def check_input(self, x: np.ndarray) -> None:
-        """Raise ValueError naming the expected and actual image shape."""
+        """Raise InputError naming the expected and actual image shape."""
         c, s = self.cfg.in_chans, self.cfg.img_size
         if x.ndim != 4 or x.shape[1:] != (c, s, s):
-            raise ValueError(
+            raise InputError(
                 f"expected images of shape (batch, {c}, {s}, {s}), got {tuple(x.shape)}"
             )
 
