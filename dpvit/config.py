@@ -68,7 +68,8 @@ class ViTConfig:
         if self.mlp_ratio <= 0:
             raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
         if self.pos_embed == "sincos" and self.embed_dim % 4:
-            raise ConfigError(f"sincos pos_embed needs embed_dim divisible by 4, got {self.embed_dim}")
+            raise ConfigError(
+                f"sincos pos_embed needs embed_dim divisible by 4, got {self.embed_dim}")
         for name in ("drop_rate", "attn_drop_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -79,7 +80,8 @@ class TrainConfig:
     """How to train. The learning rate is for the global batch, whatever the rank count."""
 
     dataset: str = _opt("mnist", "dataset", choices=("mnist", "fashion-mnist"))
-    data_dir: str | None = _opt(None, "dataset directory (default $DPVIT_DATA_DIR or data/<dataset>)")
+    data_dir: str | None = _opt(None, "dataset directory (default: $DPVIT_DATA_DIR, "
+                                      "else data/<dataset>)")
     epochs: int = _opt(10, "training epochs")
     max_steps: int | None = _opt(None, "stop after this many optimizer steps in all")
     batch_size: int = _opt(256, "global batch size, across all ranks")
@@ -171,8 +173,10 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
         kind = str
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if kind is not None and not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    wrong_type = kind is not None and not isinstance(value, kind)
+    if wrong_type or (kind is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{where}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{where}: must be one of {', '.join(choices)}, got {value!r}")

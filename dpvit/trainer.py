@@ -69,7 +69,10 @@ class Trainer:
             raise UserError(
                 f"batch_size {t.batch_size} is larger than the {len(self.train_y)} training "
                 "images; lower --batch-size")
-        self.total_steps = t.epochs * self.steps_per_epoch
+        # the schedule always spans all epochs; --max-steps only stops early, so a run stopped
+        # there and resumed follows exactly the same learning-rate curve
+        self.schedule_steps = t.epochs * self.steps_per_epoch
+        self.total_steps = self.schedule_steps
         if t.max_steps is not None:
             self.total_steps = min(self.total_steps, t.max_steps)
         self.step = self.epoch = self.position = 0
@@ -98,7 +101,7 @@ class Trainer:
             rng={"scheme": "keyed", "seed": self.cfg.train.seed},
             step=self.step, epoch=self.epoch, position=self.position,
             world_size=self.comm.size, config=self.cfg.to_dict(),
-            metrics=self.history + [{"best_accuracy": self.best_accuracy}],
+            metrics=[*self.history, {"best_accuracy": self.best_accuracy}],
         )
 
     def restore(self, ckpt: Checkpoint) -> None:
@@ -149,7 +152,7 @@ class Trainer:
         grad_norm = clip_grad_norm_(self.store.flat_grads, t.grad_clip)
         if not math.isfinite(grad_norm):
             raise UserError(f"non-finite gradient norm at step {self.step}; lower --lr")
-        lr = lr_at(self.step, t.lr, t.warmup_steps, self.total_steps, t.min_lr)
+        lr = lr_at(self.step, t.lr, t.warmup_steps, self.schedule_steps, t.min_lr)
         self.optimizer.lr = lr
         self.optimizer.step()
         self.step += 1

@@ -48,7 +48,7 @@ class PatchEmbed(Layer):
         return self.proj.forward(patches, train)
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        B, N, D = dy.shape
+        B, _, D = dy.shape
         g, p, C = self.grid, self.patch_size, self.in_chans
         if self.kind == "conv":
             return self.proj.backward(dy.transpose(0, 2, 1).reshape(B, D, g, g))

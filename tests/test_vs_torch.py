@@ -35,7 +35,8 @@ def torch_vit(params: dict[str, torch.Tensor], x: torch.Tensor, cfg: ViTConfig) 
     for i in range(cfg.depth):
         p = f"blocks.{i}."
         T = h.shape[1]
-        qkv = F.linear(ln(h, p + "norm1"), params[p + "attn.qkv.weight"], params[p + "attn.qkv.bias"])
+        qkv = F.linear(ln(h, p + "norm1"), params[p + "attn.qkv.weight"],
+                       params[p + "attn.qkv.bias"])
         q, k, v = qkv.reshape(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
         a = torch.softmax(q @ k.transpose(-1, -2) * (D // H) ** -0.5, dim=-1) @ v
         h = h + F.linear(a.transpose(1, 2).reshape(B, T, D), params[p + "attn.proj.weight"],
@@ -59,7 +60,8 @@ def test_default_vit_logits_and_gradients_match_torch():
     loss, dlogits = CrossEntropyLoss(0.1)(logits, y)
     model.backward(dlogits)
 
-    tparams = {n: torch.tensor(v, requires_grad=True) for n, v in model.store.named_params().items()}
+    named = model.store.named_params()
+    tparams = {n: torch.tensor(v, requires_grad=True) for n, v in named.items()}
     tlogits = torch_vit(tparams, torch.tensor(x), cfg)
     tloss = F.cross_entropy(tlogits, torch.tensor(y), label_smoothing=0.1)
     tloss.backward()
@@ -86,7 +88,8 @@ def _run_optimizer(make_ours, make_torch, steps=5):
                               dtype=np.float64)
     store: ParamStore = model.store
     rng = np.random.default_rng(2)
-    tparams = {n: torch.tensor(v.copy(), requires_grad=True) for n, v in store.named_params().items()}
+    named = store.named_params()
+    tparams = {n: torch.tensor(v.copy(), requires_grad=True) for n, v in named.items()}
     decayed = [tparams[s.name] for s in store.specs if not s.no_weight_decay]
     plain = [tparams[s.name] for s in store.specs if s.no_weight_decay]
     ours, theirs = make_ours(store), make_torch(decayed, plain)

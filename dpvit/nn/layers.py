@@ -104,7 +104,7 @@ class Conv2d(Layer):
 
     def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
         B, C, H, W = x.shape
-        if C != self.in_channels:
+        if self.in_channels != C:
             raise ValueError(f"Conv2d expects {self.in_channels} input channels, got {C}")
         Ho = F.conv_output_size(H, self.k, self.stride, self.padding)
         Wo = F.conv_output_size(W, self.k, self.stride, self.padding)

@@ -1,0 +1,77 @@
+"""Real MNIST (and Fashion-MNIST when the Debian package is installed) end to end.
+
+The MNIST files come from $DPVIT_DATA_DIR or ``../shared/datasets/mnist`` relative to the
+repository root. That copy is read-only by policy (tests may run as root, for whom it is
+technically writable), so the test treats it as read-only and the store goes to a
+temporary cache.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpvit.data import DATASETS, load_split, prepare_dataset
+from dpvit.data import store as store_mod
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST_DIR = Path(os.environ.get("DPVIT_DATA_DIR") or REPO.parent / "shared/datasets/mnist")
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+TRAIN_HIST = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+TEST_HIST = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+@pytest.fixture(scope="module")
+def read_only_sources(tmp_path_factory):
+    """Cache in a temp dir; the shared dataset directories are never written to."""
+    cache = tmp_path_factory.mktemp("cache")
+    protected = {MNIST_DIR.resolve(), FASHION_DIR.resolve()}
+    real = store_mod._dir_is_writable
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DPVIT_CACHE_DIR", str(cache))
+        mp.setattr(store_mod, "_dir_is_writable",
+                   lambda p: Path(p).resolve() not in protected and real(p))
+        yield cache
+
+
+@pytest.mark.skipif(not MNIST_DIR.is_dir(),
+                    reason=f"real MNIST not found: set DPVIT_DATA_DIR (looked in {MNIST_DIR})")
+def test_real_mnist(read_only_sources):
+    path = prepare_dataset("mnist", str(MNIST_DIR))
+    assert path == read_only_sources / "mnist.h5"
+    train_x, train_y = load_split(path, "train")
+    test_x, test_y = load_split(path, "test")
+    assert train_x.shape == (60000, 28, 28) and test_x.shape == (10000, 28, 28)
+    assert train_x.dtype == np.uint8 and train_y.dtype == np.int64
+    assert np.bincount(train_y, minlength=10).tolist() == TRAIN_HIST
+    assert np.bincount(test_y, minlength=10).tolist() == TEST_HIST
+    info = DATASETS["mnist"]
+    assert abs(train_x.mean() / 255 - info.mean) < 1e-6
+    assert prepare_dataset("mnist", str(MNIST_DIR)) == path  # reused
+    assert sorted(p.name for p in read_only_sources.iterdir()) == [".mnist.h5.lock", "mnist.h5"]
+
+
+@pytest.mark.skipif(not FASHION_DIR.is_dir(),
+                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_fashion_mnist_from_debian_package(read_only_sources, tmp_path):
+    # An empty data dir: the files are found in the system directory instead.
+    path = prepare_dataset("fashion-mnist", str(tmp_path / "fashion-mnist"), download=False)
+    _, train_y = load_split(path, "train")
+    _, test_y = load_split(path, "test")
+    assert np.bincount(train_y).tolist() == [6000] * 10
+    assert np.bincount(test_y).tolist() == [1000] * 10
+
+
+@pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"real MNIST not found in {MNIST_DIR}")
+def test_cli_verify_real_mnist():
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpvit.data", "verify", "mnist", "--data-dir", str(MNIST_DIR)],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "train: 60000 images OK" in proc.stdout

@@ -1,0 +1,184 @@
+"""Tests for dpvit.dist: LocalComm in-process, MPIComm through real `mpirun` launches."""
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpvit import dist
+from dpvit.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve().parent / "mpi_workers" / "dist_worker.py"
+
+
+def test_local_comm_collectives_are_identity():
+    comm = dist.LocalComm()
+    assert (comm.rank, comm.size, comm.local_rank, comm.local_size) == (0, 1, 0, 1)
+    assert comm.is_root
+    buf = np.arange(6, dtype=np.float32)
+    comm.broadcast_(buf)
+    comm.allreduce_sum_(buf)
+    np.testing.assert_array_equal(buf, np.arange(6))
+    out = comm.allreduce_sum(buf)
+    assert out is not buf and np.array_equal(out, buf)
+    assert comm.allreduce_sum(np.array(2.0)).shape == ()
+    assert comm.allreduce_sum(3) == 3 and comm.allreduce_max(True) is True
+    assert comm.allreduce_min(2.5) == 2.5
+    assert comm.broadcast_object({"a": 1}) == {"a": 1}
+    assert comm.allgather_object("x") == ["x"]
+    comm.check_identical(buf, "parameters")
+    comm.barrier()
+    with pytest.raises(ValueError, match="root rank 1"):
+        comm.broadcast_(buf, root=1)
+
+
+def test_init_comm_without_launcher_is_local(monkeypatch):
+    for name in dist.LAUNCHER_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    assert isinstance(dist.init_comm(), dist.LocalComm)
+    assert dist.launched_by_mpi({"PMI_RANK": "0"})
+    monkeypatch.setenv("PMI_RANK", "0")
+    assert isinstance(dist.init_comm(force_local=True), dist.LocalComm)
+
+
+def test_plain_import_does_not_load_mpi():
+    code = "import sys, dpvit.dist; dpvit.dist.init_comm(); print('mpi4py.MPI' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k not in dist.LAUNCHER_ENV_VARS}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.strip() == "False"
+
+
+def test_configure_threads(restore_process_state):
+    comm = dist.LocalComm()
+    comm.local_size = 2
+    assert dist.configure_threads(comm) == 1
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+    comm.local_size = 1
+    assert dist.configure_threads(comm) == dist.available_cores()
+    assert os.environ["OPENBLAS_NUM_THREADS"] == str(dist.available_cores())
+
+
+@pytest.fixture
+def restore_process_state(monkeypatch):
+    """run_main sets thread env vars and a root log handler; undo both after the test."""
+    for name in (*dist.THREAD_ENV_VARS, "DPVIT_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_run_main_local_errors(caplog, restore_process_state):
+    def user_fail(comm):
+        raise UserError("config file x.toml: unknown key 'lrr'")
+
+    def bug(comm):
+        raise ZeroDivisionError("division by zero")
+
+    def interrupted(comm):
+        raise KeyboardInterrupt
+
+    assert dist.run_main(lambda comm: None, argv=[]) == 0
+    assert dist.run_main(lambda comm: 3, argv=[]) == 3
+    with caplog.at_level(logging.ERROR):
+        assert dist.run_main(user_fail, argv=[]) == 1
+        assert dist.run_main(bug, argv=[]) == 1
+        assert dist.run_main(interrupted, argv=[]) == 130
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "config file x.toml: unknown key 'lrr'" in messages
+    assert any("unexpected ZeroDivisionError" in m and "--debug" in m for m in messages)
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def _mpirun(n, mode, tmp_path):
+    pytest.importorskip("mpi4py")
+    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+    if mpirun is None:
+        pytest.skip("mpirun is not installed")
+    piddir = tmp_path / "pids"
+    piddir.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DPVIT_DEBUG": "0"}
+    start = time.monotonic()
+    proc = subprocess.run(
+        [mpirun, "-n", str(n), sys.executable, str(WORKER), mode, str(piddir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return proc, time.monotonic() - start, piddir
+
+
+def _running(pid):
+    """True while `pid` exists and is not a zombie (killed ranks wait briefly for reaping)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _assert_no_leftovers(piddir, n):
+    pids = [int(p.read_text()) for p in piddir.glob("*.pid")]
+    assert len(pids) == n
+    deadline = time.monotonic() + 5
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if _running(p)]
+        time.sleep(0.05)
+    assert not alive, f"processes left behind: {alive}"
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n", [2, 4])
+def test_mpi_collectives(tmp_path, n):
+    proc, _, piddir = _mpirun(n, "collectives", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"OK size={n} local_size={n}" in proc.stdout
+    assert "BLAS threads per rank: 1" in proc.stderr
+    _assert_no_leftovers(piddir, n)
+
+
+@pytest.mark.mpi
+def test_mpi_check_identical_names_diverging_rank(tmp_path):
+    proc, _, _ = _mpirun(2, "diverge", tmp_path)
+    assert proc.returncode != 0
+    assert "parameters after step 7 differ across ranks: rank(s) [1]" in proc.stderr
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n", [2, 4])
+def test_mpi_rank_failure_aborts_job(tmp_path, n):
+    proc, elapsed, piddir = _mpirun(n, "fail", tmp_path)
+    assert proc.returncode != 0
+    assert elapsed < 10, f"job took {elapsed:.1f} s to end after a rank failed"
+    assert proc.stderr.count("unexpected RuntimeError: boom from rank 1") == 1, proc.stderr
+    assert f"[rank 1/{n}]" in proc.stderr and "Traceback" not in proc.stderr
+    _assert_no_leftovers(piddir, n)
+
+
+@pytest.mark.mpi
+def test_mpi_user_error_is_one_line(tmp_path):
+    proc, elapsed, piddir = _mpirun(2, "user_error", tmp_path)
+    assert proc.returncode != 0 and elapsed < 10
+    lines = [ln for ln in proc.stderr.splitlines() if "train.h5" in ln]
+    assert lines == [lines[0]] and lines[0].endswith(
+        "[rank 1/2] error: data file /nonexistent/train.h5 does not exist"
+    )
+    assert "Traceback" not in proc.stderr
+    _assert_no_leftovers(piddir, 2)

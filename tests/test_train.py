@@ -1,0 +1,152 @@
+"""The train command as users run it: outputs, checkpoints, resume, rank equivalence, errors.
+
+Every test launches real processes (``python -m dpvit.train``, under ``mpirun -n N`` where N is
+given) on the first few hundred real MNIST images with a tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import load_params, run_dpvit, train
+
+from dpvit.checkpoint import load_checkpoint
+from dpvit.config import Config
+from dpvit.vit import VisionTransformer
+
+REPORT_KEYS = {"dataset", "split", "epoch", "step", "world_size", "num_samples", "loss",
+               "accuracy", "macro_f1", "per_class", "confusion_matrix"}
+
+
+def test_single_process_run_writes_every_output(tmp_path):
+    run = tmp_path / "run"
+    train(run, "--epochs", "2", "--checkpoint-every", "3", "--keep", "2")
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["embed_dim"] == 16 and config["train"]["epochs"] == 2
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert set(report) >= REPORT_KEYS
+    assert report["num_samples"] == 200 and report["step"] == 16
+    assert np.array(report["confusion_matrix"]).sum() == 200
+    assert (run / "report" / "report.md").read_text().startswith("# mnist test report")
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["best.h5", "last.h5", "step-15.h5", "step-16.h5"]  # keep 2 of 3,6,...,16
+
+
+def test_checkpoint_round_trip_predicts_exactly_as_trained(tmp_path):
+    """Parameters saved by training load bit-exactly into a fresh model that predicts the same
+    probabilities as the report of the trained one."""
+    run = tmp_path / "run"
+    train(run, "--epochs", "1")
+    ckpt = load_checkpoint(run / "checkpoints" / "last.h5")
+    cfg = Config.from_dict(ckpt.config)
+    model = VisionTransformer(cfg.model)
+    for name, view in model.store.named_params().items():
+        view[...] = ckpt.params[name]
+        assert view.tobytes() == ckpt.params[name].tobytes()
+    from dpvit.data import DATASETS, load_split, normalize, prepare_dataset
+
+    images, labels = load_split(prepare_dataset("mnist", cfg.train.data_dir), "test")
+    info = DATASETS["mnist"]
+    predictions = model.forward(normalize(images[:200], info.mean, info.std)).argmax(axis=1)
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert np.trace(report["confusion_matrix"]) == int(np.sum(predictions == labels[:200]))
+    again = VisionTransformer(cfg.model)
+    again.store.flat_params[:] = model.store.flat_params
+    x = normalize(images[:50], info.mean, info.std)
+    assert np.array_equal(again.forward(x), model.forward(x))
+
+
+def _flat(params: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([params[name].ravel() for name in sorted(params)]).astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_n_ranks_equal_one_rank_at_the_same_global_batch(tmp_path, dtype):
+    """Augmentation and dropout are on: both are keyed by sample, not by rank.
+
+    float64: every parameter within rtol 1e-10. float32: the whole parameter vector within
+    relative L2 error 1e-5. (Entry-wise float32 comparison is not meaningful for parameters
+    whose true gradient is 0, like the key bias: AdamW divides their rounding noise, which
+    depends on the summation order, by its own RMS and turns it into lr-sized steps.)
+    """
+    extra = ["--max-steps", "6", "--dtype", dtype, "--drop-rate", "0.1"]
+    train(tmp_path / "n1", *extra)
+    reference = load_params(tmp_path / "n1" / "checkpoints" / "last.h5")
+    for ranks in (2, 4):
+        train(tmp_path / f"n{ranks}", *extra, ranks=ranks)
+        params = load_params(tmp_path / f"n{ranks}" / "checkpoints" / "last.h5")
+        if dtype == "float64":
+            for name, value in reference.items():
+                np.testing.assert_allclose(params[name], value, rtol=1e-10, atol=1e-13,
+                                           err_msg=f"{name} with {ranks} ranks")
+        else:
+            a, b = _flat(params), _flat(reference)
+            assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5, f"{ranks} ranks"
+
+
+def test_resume_is_bitwise_identical_on_the_same_world_size(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(straight, "--max-steps", "12", "--checkpoint-every", "5", ranks=2)
+    train(split, "--max-steps", "5", ranks=2)
+    train(split, "--max-steps", "12", "--resume", "auto", ranks=2)
+    a = load_checkpoint(straight / "checkpoints" / "last.h5")
+    b = load_checkpoint(split / "checkpoints" / "last.h5")
+    assert a.step == b.step == 12
+    for name in a.params:
+        assert a.params[name].tobytes() == b.params[name].tobytes(), name
+    for state in a.optimizer:
+        for name in a.optimizer[state]:
+            assert a.optimizer[state][name].tobytes() == b.optimizer[state][name].tobytes()
+
+
+def test_checkpoint_from_four_ranks_resumes_on_two(tmp_path):
+    straight, moved = tmp_path / "straight", tmp_path / "moved"
+    train(straight, "--max-steps", "10", "--dtype", "float64", ranks=4)
+    train(moved, "--max-steps", "4", "--dtype", "float64", ranks=4)
+    result = train(moved, "--max-steps", "10", "--dtype", "float64", "--resume", "auto",
+                   ranks=2)
+    assert "saved by 4 rank(s)" in result.stderr
+    a = load_checkpoint(straight / "checkpoints" / "last.h5")
+    b = load_checkpoint(moved / "checkpoints" / "last.h5")
+    assert b.world_size == 2 and b.step == 10
+    for name in a.params:
+        np.testing.assert_allclose(b.params[name], a.params[name], rtol=1e-10, atol=1e-13)
+
+
+def test_resume_rejects_a_conflicting_model_flag(tmp_path):
+    run = tmp_path / "run"
+    train(run, "--max-steps", "2")
+    result = run_dpvit("train", ["--run-dir", str(run), "--resume", "auto", "--dim", "32"])
+    assert result.returncode == 1
+    assert "embed_dim=32 conflicts with the checkpoint's embed_dim=16" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--heads", "5"], "embed_dim (64) must be divisible by num_heads (5)"),
+        (["--patch-size", "5"], "patch_size (5) must divide img_size (28)"),
+        (["--epochs", "zero"], "argument --epochs: invalid int value: 'zero'"),
+        (["--resume", "auto"], "--resume auto needs --run-dir"),
+    ],
+)
+def test_bad_flags_give_one_clear_line(args, message):
+    result = run_dpvit("train", args, timeout=60)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_damaged_resume_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not an HDF5 file at all")
+    result = run_dpvit("train", ["--run-dir", str(tmp_path / "r"), "--resume", str(bad)],
+                       ranks=2, timeout=60)
+    assert result.returncode != 0
+    assert str(bad) in result.stderr and "Traceback" not in result.stderr
