@@ -33,7 +33,8 @@ from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 
-from dpvit.errors import UserError
+from dpvit.allocator import keep_freed_memory
+from dpvit.errors import AgreedError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -394,11 +395,14 @@ def debug_requested(argv: list[str] | None = None) -> bool:
 def run_main(main: Callable[[Comm], int | None], argv: list[str] | None = None) -> int:
     """Run a command's `main(comm)` with dpvit's process setup and failure handling.
 
-    Sets up the communicator (`init_comm`), BLAS threads and logging, then calls `main`.
+    Sets up the communicator (`init_comm`), BLAS threads, logging and the allocator
+    (`keep_freed_memory`), then calls `main`.
     An uncaught exception on any rank is reported once, by that rank: a `UserError` as its
     one-line message, anything else as its type and message (with the traceback under
     `--debug` / `DPVIT_DEBUG=1`). With more than one rank the job is then aborted with
-    `MPI_Abort`, so ranks waiting in a collective end too instead of hanging.
+    `MPI_Abort`, so ranks waiting in a collective end too instead of hanging. An
+    `AgreedError`, raised on every rank together, is reported by rank 0 only and every rank
+    returns its exit code without aborting.
     KeyboardInterrupt exits with 130, a non-zero `SystemExit` with its code.
 
     Args:
@@ -413,6 +417,7 @@ def run_main(main: Callable[[Comm], int | None], argv: list[str] | None = None) 
     setup_logging(comm, debug=debug)
     try:
         configure_threads(comm)
+        keep_freed_memory()
         code = main(comm)
         return 0 if code is None else int(code)
     except KeyboardInterrupt:
@@ -424,6 +429,10 @@ def run_main(main: Callable[[Comm], int | None], argv: list[str] | None = None) 
         if not isinstance(exc.code, int):
             logger.error("%s", exc.code)
         code = exc.code if isinstance(exc.code, int) else 1
+    except AgreedError as exc:  # every rank is here together: report once, exit normally
+        if comm.is_root:
+            logger.log(exc.level, "%s", exc)
+        return exc.exit_code
     except UserError as exc:
         if debug:
             logger.exception("%s", exc)

@@ -44,29 +44,40 @@ class Attention(Layer):
         self.proj = self.add("proj", Linear(dim, dim))
         self.proj_drop = self.add("proj_drop", Dropout(proj_drop, layer_id + 1))
 
-    def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
+    def forward(self, x: np.ndarray, train: bool, num_queries: int | None = None) -> np.ndarray:
+        """Self-attention over all N tokens of x (B, N, D).
+
+        With ``num_queries=Q`` only the first Q tokens attend (they still see all N keys) and
+        the output is (B, Q, D): the last block of a cls-pooled ViT needs only the cls token.
+        """
         B, N, D = x.shape
         H, hd = self.num_heads, self.head_dim
+        Q = N if num_queries is None else num_queries
         qkv = self.qkv.forward(x, train).reshape(B, N, 3, H, hd).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, hd) each
-        scores = q @ k.transpose(0, 1, 3, 2)  # (B, H, N, N)
-        scores *= self.scale
-        attn = F.softmax_fwd(scores)
+        q = qkv[0, :, :, :Q] * self.scale  # scaling q (B, H, Q, hd) is cheaper than the scores
+        k, v = qkv[1], qkv[2]  # (B, H, N, hd) strided views; matmul reads them in place
+        attn = F.softmax_fwd(q @ k.transpose(0, 1, 3, 2))  # (B, H, Q, N)
         attn_d = self.attn_drop.forward(attn, train)
-        out = (attn_d @ v).transpose(0, 2, 1, 3).reshape(B, N, D)
+        out = np.empty((B, Q, H, hd), dtype=attn.dtype)
+        np.matmul(attn_d, v, out=out.transpose(0, 2, 1, 3))  # heads land already interleaved
         self.cache = (q, k, v, attn, attn_d)
-        return self.proj_drop.forward(self.proj.forward(out, train), train)
+        return self.proj_drop.forward(self.proj.forward(out.reshape(B, Q, D), train), train)
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         q, k, v, attn, attn_d = self._take_cache()
-        B, H, N, hd = q.shape
+        B, H, Q, hd = q.shape
+        N = k.shape[2]
         dout = self.proj.backward(self.proj_drop.backward(dy))
-        dout = dout.reshape(B, N, H, hd).transpose(0, 2, 1, 3)  # (B, H, N, hd)
-        dqkv = np.empty((3, B, H, N, hd), dtype=dy.dtype)
-        np.matmul(attn_d.transpose(0, 1, 3, 2), dout, out=dqkv[2])  # dv
+        dout = dout.reshape(B, Q, H, hd).transpose(0, 2, 1, 3)  # (B, H, Q, hd) view
+        # gradients are written straight into the (B, N, 3, H, hd) layout the qkv Linear wants
+        dqkv = np.empty((B, N, 3, H, hd), dtype=dy.dtype)
+        dqkv[:, Q:, 0] = 0.0  # tokens that were not queries
+        dq = dqkv[:, :Q, 0].transpose(0, 2, 1, 3)
+        dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in (1, 2))
+        np.matmul(attn_d.transpose(0, 1, 3, 2), dout, out=dv)
         dattn = self.attn_drop.backward(dout @ v.transpose(0, 1, 3, 2))
         dscores = F.softmax_bwd(dattn, attn)
-        dscores *= self.scale
-        np.matmul(dscores, k, out=dqkv[0])  # dq
-        np.matmul(dscores.transpose(0, 1, 3, 2), q, out=dqkv[1])  # dk
-        return self.qkv.backward(dqkv.transpose(1, 3, 0, 2, 4).reshape(B, N, 3 * H * hd))
+        np.matmul(dscores, k, out=dq)
+        dq *= self.scale
+        np.matmul(dscores.transpose(0, 1, 3, 2), q, out=dk)  # q is already scaled
+        return self.qkv.backward(dqkv.reshape(B, N, 3 * H * hd))

@@ -29,8 +29,13 @@ def linear_fwd(x2d: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> 
 def linear_bwd(
     dy2d: np.ndarray, x2d: np.ndarray, weight: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gradients of ``linear_fwd``: (dx (M, I), dW (O, I), db (O,))."""
-    return dy2d @ weight, dy2d.T @ x2d, dy2d.sum(axis=0)
+    """Gradients of ``linear_fwd``: (dx (M, I), dW (O, I), db (O,)).
+
+    The bias gradient is a GEMV with a vector of ones: a column sum in BLAS, cheaper than
+    ``sum(axis=0)``.
+    """
+    db = np.ones(dy2d.shape[0], dtype=dy2d.dtype) @ dy2d
+    return dy2d @ weight, dy2d.T @ x2d, db
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,20 +95,43 @@ def col2im(
 
 # ---------------------------------------------------------------------------------------------
 # Softmax over the last axis.
+#
+# Reductions along a short last axis (50 keys) are slow in numpy: a row maximum over (B, H, N, N)
+# costs ten times a block maximum and a row sum five times a matrix-vector product. The kernels
+# below therefore shift by the maximum of each trailing (rows, cols) block -- softmax is the same
+# for any per-row shift -- and sum rows with a GEMV against a vector of ones.
+
+# Row sums below this mean the block shift pushed a whole row towards underflow (its maximum lies
+# over 40 below the block's), where float32 starts losing precision; such rows are redone exactly.
+_UNDERFLOW_GUARD = 1e-18
+
+
+def row_sum(x: np.ndarray) -> np.ndarray:
+    """Sum over the last axis as a matrix-vector product (keeps BLAS's precision and speed)."""
+    return x @ np.ones(x.shape[-1], dtype=x.dtype)
 
 
 def softmax_fwd(x: np.ndarray) -> np.ndarray:
-    """Numerically stable softmax over the last axis (max subtracted before exp)."""
-    y = x - x.max(axis=-1, keepdims=True)
+    """Numerically stable softmax over the last axis of an array of two or more dimensions."""
+    block_max = x.reshape(*x.shape[:-2], -1).max(axis=-1)[..., None, None]
+    y = np.subtract(x, block_max)
     np.exp(y, out=y)
-    y /= y.sum(axis=-1, keepdims=True)
+    sums = row_sum(y)
+    low = sums < _UNDERFLOW_GUARD
+    if low.any():  # rare: shift those rows by their own maximum instead
+        rows = x[low]
+        exact = np.exp(rows - rows.max(axis=-1, keepdims=True))
+        y[low] = exact
+        sums[low] = row_sum(exact)
+    np.reciprocal(sums, out=sums)
+    y *= sums[..., None]
     return y
 
 
 def softmax_bwd(dy: np.ndarray, y: np.ndarray) -> np.ndarray:
     """dx = y * (dy - sum(dy * y)) over the last axis, given the softmax output y."""
     dx = dy * y
-    dx -= y * dx.sum(axis=-1, keepdims=True)
+    dx -= y * row_sum(dx)[..., None]
     return dx
 
 
@@ -152,11 +180,15 @@ def gelu_bwd(dy: np.ndarray, x: np.ndarray, t: np.ndarray) -> np.ndarray:
 def layernorm_fwd(
     x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """y = (x - mean) / sqrt(var + eps) * weight + bias. Returns (y, xhat, rstd)."""
-    mean = x.mean(axis=-1, keepdims=True)
-    xhat = x - mean
-    var = np.mean(xhat * xhat, axis=-1, keepdims=True)
-    rstd = 1.0 / np.sqrt(var + eps)
+    """y = (x - mean) / sqrt(var + eps) * weight + bias. Returns (y, xhat, rstd).
+
+    Means over the last axis are GEMVs against a vector of 1/D (see ``row_sum``).
+    """
+    inv_d = np.full(x.shape[-1], 1.0 / x.shape[-1], dtype=x.dtype)
+    xhat = x - (x @ inv_d)[..., None]
+    var = (xhat * xhat) @ inv_d
+    var += eps
+    rstd = np.reciprocal(np.sqrt(var, out=var), out=var)[..., None]
     xhat *= rstd
     y = xhat * weight
     y += bias
@@ -172,13 +204,14 @@ def layernorm_bwd(
     """
     D = xhat.shape[-1]
     dy2 = dy.reshape(-1, D)
-    xhat2 = xhat.reshape(-1, D)
-    dweight = np.einsum("md,md->d", dy2, xhat2)
-    dbias = dy2.sum(axis=0)
+    ones = np.ones(dy2.shape[0], dtype=dy.dtype)
+    dbias = ones @ dy2
+    dweight = ones @ (dy2 * xhat.reshape(-1, D))
+    inv_d = np.full(D, 1.0 / D, dtype=dy.dtype)
     g = dy * weight
-    mean_g = g.mean(axis=-1, keepdims=True)
-    mean_gx = np.mean(g * xhat, axis=-1, keepdims=True)
-    g -= mean_g
-    g -= xhat * mean_gx
+    mean_g = g @ inv_d
+    mean_gx = (g * xhat) @ inv_d
+    g -= mean_g[..., None]
+    g -= xhat * mean_gx[..., None]
     g *= rstd
     return g, dweight, dbias
