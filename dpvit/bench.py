@@ -1,0 +1,233 @@
+"""``python -m dpvit.bench``: training throughput, per-layer times, MFU, memory, scaling.
+
+    python -m dpvit.bench                         # this process (all cores)
+    mpirun -n 2 python -m dpvit.bench --json      # two ranks, one BLAS thread each
+    python -m dpvit.bench --compare-torch --ranks 2   # dpvit vs PyTorch DDP (gloo), same run
+    python -m dpvit.bench --scaling               # -n 1 (1 thread), 1 process, -n 2, -n 4
+
+The step measured is a full training step on a fixed synthetic batch (forward, loss, backward,
+gradient allreduce, clipping, AdamW), the same work ``../shared/bench/torch_vit_ref.py``
+times, so the two numbers compare directly. ``--compare-torch`` and ``--scaling`` start their
+own jobs (mpirun, torchrun) one after another, interleaved over ``--rounds``, so every number
+in their table comes from the same run on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import statistics
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from dpvit.config import ViTConfig
+from dpvit.dist import Comm, available_cores, run_main
+from dpvit.errors import ConfigError, UserError
+from dpvit.profiling import (
+    StepBench,
+    forward_flops_per_image,
+    gemm_peak_flops,
+    layer_table,
+    peak_rss_bytes,
+    summarize,
+)
+
+logger = logging.getLogger("dpvit.bench")
+
+DEFAULT_TORCH_REF = Path(__file__).resolve().parents[1].parent / "shared/bench/torch_vit_ref.py"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see --help)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="python -m dpvit.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--batch-size", type=int, default=128, help="images per rank per step")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--mlp-ratio", type=float, default=2.0)
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--compare-torch", action="store_true",
+                   help="also run the PyTorch DDP reference with --ranks processes")
+    p.add_argument("--scaling", action="store_true", help="compare rank and thread counts")
+    p.add_argument("--ranks", type=int, default=2, help="processes for --compare-torch")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds for comparisons")
+    p.add_argument("--torch-ref", type=Path, default=DEFAULT_TORCH_REF,
+                   help="path of torch_vit_ref.py")
+    args = p.parse_args(argv)
+    for name in ("batch_size", "steps", "repeats", "ranks", "rounds"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
+    return args
+
+
+def model_config(args: argparse.Namespace) -> ViTConfig:
+    cfg = ViTConfig(embed_dim=args.dim, depth=args.depth, num_heads=args.heads,
+                    mlp_ratio=args.mlp_ratio, patch_size=args.patch_size)
+    cfg.validate()
+    return cfg
+
+
+def measure(comm: Comm, args: argparse.Namespace) -> dict[str, Any]:
+    """Throughput of this process group, and where the time goes."""
+    cfg = model_config(args)
+    peak = comm.allreduce_min(gemm_peak_flops())  # per rank, all ranks busy at once
+    bench = StepBench(cfg, comm, args.batch_size, args.dtype)
+    result = summarize(bench.run(args.steps, args.warmup, args.repeats),
+                       args.batch_size * comm.size)
+    train_flops = 3 * forward_flops_per_image(cfg)
+    result.update(
+        world_size=comm.size,
+        threads_per_rank=int(os.environ.get("OPENBLAS_NUM_THREADS", "0")) or None,
+        batch_per_rank=args.batch_size,
+        params=bench.model.num_params(),
+        train_gflop_per_image=train_flops / 1e9,
+        gemm_peak_gflops_per_rank=peak / 1e9,
+        mfu=result["images_per_s"] * train_flops / (peak * comm.size),
+    )
+    if not args.no_layers:
+        result["layers"] = layer_table(bench, args.steps)
+    result["peak_rss_mib_per_rank"] = comm.allreduce_max(peak_rss_bytes()) / 2**20
+    return result
+
+
+def format_measurement(r: dict[str, Any]) -> str:
+    lines = [
+        f"dpvit: {r['world_size']} rank(s) x {r['threads_per_rank']} thread(s), "
+        f"batch {r['batch_per_rank']}/rank, {r['params']} params",
+        f"  images/s      {r['images_per_s']:.0f} (min {r['images_per_s_min']:.0f}, "
+        f"max {r['images_per_s_max']:.0f}); step {r['step_ms']:.1f} ms",
+        f"  allreduce     {100 * r['allreduce_share']:.1f}% of step time",
+        f"  MFU           {100 * r['mfu']:.1f}% of {r['gemm_peak_gflops_per_rank']:.0f} "
+        f"GFLOP/s GEMM peak per rank ({r['train_gflop_per_image']:.3f} GFLOP/image)",
+        f"  peak memory   {r['peak_rss_mib_per_rank']:.0f} MiB per rank",
+    ]
+    if "layers" in r:
+        lines.append("  per layer (rank 0, ms per step; containers include their children):")
+        lines += [f"    {row['layer']:<20} {row['ms_per_step']:8.2f}" for row in r["layers"]]
+    return "\n".join(lines)
+
+
+# -- comparisons: separate jobs, run one after another ------------------------------------------
+
+
+def _mpirun() -> str:
+    beside = Path(sys.executable).parent / "mpirun"
+    return str(beside) if beside.exists() else "mpirun"
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> str:
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+    if done.returncode != 0:
+        raise UserError(f"benchmark job failed ({' '.join(cmd)}): {done.stderr.strip()[-500:]}")
+    return done.stdout
+
+
+def dpvit_job(args: argparse.Namespace, ranks: int | None, threads: int) -> float:
+    """images/s of ``python -m dpvit.bench`` with ``ranks`` (None: no mpirun)."""
+    cmd = [sys.executable, "-m", "dpvit.bench", "--json", "--no-layers",
+           "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+           "--repeats", str(args.repeats), "--dim", str(args.dim), "--depth", str(args.depth),
+           "--heads", str(args.heads), "--mlp-ratio", str(args.mlp_ratio),
+           "--patch-size", str(args.patch_size)]
+    if ranks is not None:
+        cmd = [_mpirun(), "-n", str(ranks), *cmd]
+    return json.loads(_run(cmd, {"DPVIT_NUM_THREADS": str(threads)}))["images_per_s"]
+
+
+def torch_job(args: argparse.Namespace, ranks: int, threads: int) -> float:
+    """images/s of the PyTorch reference: DDP (gloo) over ``ranks`` processes if ranks > 1."""
+    try:
+        import torch  # noqa: F401  (only to check that it is installed)
+    except ImportError:
+        raise UserError("--compare-torch needs PyTorch: pip install torch==2.13.0 "
+                        "(a CPU build; never a dependency of dpvit)") from None
+    if not args.torch_ref.is_file():
+        raise UserError(f"PyTorch reference {args.torch_ref} not found; pass --torch-ref PATH")
+    ref = [str(args.torch_ref), "--threads", str(threads), "--batch", str(args.batch_size),
+           "--steps", str(args.steps * args.repeats), "--dim", str(args.dim),
+           "--depth", str(args.depth), "--heads", str(args.heads),
+           "--mlp", str(int(args.dim * args.mlp_ratio))]
+    cmd = [sys.executable, *ref]
+    if ranks > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+               *ref]
+    out = _run(cmd, {"OMP_NUM_THREADS": str(threads)})
+    match = re.search(r"images/s=([0-9.]+)", out)
+    if match is None:
+        raise UserError(f"could not read images/s from the PyTorch reference output: {out!r}")
+    return float(match.group(1))
+
+
+def compare(args: argparse.Namespace, jobs: dict[str, Any]) -> dict[str, float]:
+    """Median images/s of each job over interleaved rounds."""
+    rates: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(args.rounds):
+        for name, job in jobs.items():
+            rates[name].append(job())
+            logger.info("%-28s %8.0f images/s", name, rates[name][-1])
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def comparison_jobs(args: argparse.Namespace) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The jobs to run and the (numerator, denominator) ratios to print."""
+    cores = available_cores()
+    if args.scaling:
+        jobs = {
+            "dpvit -n 1 x 1 thread": partial(dpvit_job, args, 1, 1),
+            f"dpvit 1 process x {cores} threads": partial(dpvit_job, args, None, cores),
+            "dpvit -n 2 x 1 thread": partial(dpvit_job, args, 2, 1),
+            "dpvit -n 4 x 1 thread": partial(dpvit_job, args, 4, 1),
+        }
+        names = list(jobs)
+        return jobs, [(names[2], names[0]), (names[3], names[2]), (names[1], names[2])]
+    threads = 1 if args.ranks > 1 else cores
+    ours = f"dpvit -n {args.ranks} x {threads} thread(s)"
+    theirs = f"torch DDP {args.ranks} x {threads} thread(s)"
+    jobs = {ours: partial(dpvit_job, args, args.ranks if args.ranks > 1 else None, threads),
+            theirs: partial(torch_job, args, args.ranks, threads)}
+    return jobs, [(ours, theirs)]
+
+
+def main_body(comm: Comm, argv: list[str] | None) -> int:
+    args = parse_args(argv)
+    if args.compare_torch or args.scaling:
+        if comm.size > 1:
+            raise ConfigError("--compare-torch and --scaling start their own jobs; run them "
+                              "without mpirun (use --ranks N)")
+        jobs, ratios = comparison_jobs(args)
+        rates = compare(args, jobs)
+        result = {"images_per_s": rates,
+                  "ratios": {f"{a} / {b}": rates[a] / rates[b] for a, b in ratios}}
+        text = "\n".join([*(f"{k:<36} {v:8.0f} images/s" for k, v in rates.items()),
+                          *(f"{k}: {v:.2f}x" for k, v in result["ratios"].items())])
+    else:
+        result = measure(comm, args)
+        text = format_measurement(result)
+    if comm.is_root:
+        print(json.dumps(result) if args.json else text, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (``dpvit-bench``)."""
+    sys.exit(run_main(partial(main_body, argv=argv), argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Measurements behind ``python -m dpvit.bench``: step throughput, per-layer times, FLOPs, peak.
+
+Everything here runs on every rank with the same collectives, so it works under mpirun; timings
+that differ across ranks are reduced to the slowest rank, which is what bounds a synchronous
+data-parallel step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from dpvit.config import ViTConfig
+from dpvit.dist import Comm
+from dpvit.nn.attention import Attention
+from dpvit.nn.layers import GELU, LayerNorm, Linear
+from dpvit.nn.losses import CrossEntropyLoss
+from dpvit.optim import AdamW, clip_grad_norm_
+from dpvit.vit import Mlp, PatchEmbed, VisionTransformer
+
+
+def forward_flops_per_image(cfg: ViTConfig) -> float:
+    """Multiply-adds x 2 of one image's forward pass: every GEMM and attention matmul.
+
+    Element-wise work (norms, softmax, GELU) is left out, as in the usual model-FLOPs count;
+    a training step is counted as 3x the forward pass.
+    """
+    n = (cfg.img_size // cfg.patch_size) ** 2
+    T, D, hidden = n + 1, cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
+    patch = 2 * n * cfg.in_chans * cfg.patch_size**2 * D
+    block = 2 * T * D * (3 * D + D + 2 * hidden) + 2 * 2 * T * T * D
+    return patch + cfg.depth * block + 2 * D * cfg.num_classes
+
+
+def gemm_peak_flops(size: int = 1024, repeats: int = 5) -> float:
+    """Best float32 GEMM FLOP/s of this process with its current BLAS threads."""
+    rng = np.random.default_rng(0)
+    a = rng.random((size, size), dtype=np.float32)
+    b = rng.random((size, size), dtype=np.float32)
+    out = a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.matmul(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+@dataclass
+class StepTimes:
+    """Seconds per repeat of ``steps`` training steps, and the part spent in the allreduce."""
+
+    repeats: list[float]
+    allreduce: float
+    steps: int
+
+
+class StepBench:
+    """A full training step on a fixed synthetic batch, as the PyTorch reference measures it:
+    zero grads, forward, loss, backward, gradient allreduce, clipping, AdamW step.
+
+    Args:
+        cfg: model shape.
+        comm: communicator; the global batch is ``batch_per_rank * comm.size``.
+        batch_per_rank: images per rank per step.
+        dtype: float32 or float64.
+    """
+
+    def __init__(self, cfg: ViTConfig, comm: Comm, batch_per_rank: int,
+                 dtype: str = "float32") -> None:
+        self.comm, self.batch = comm, batch_per_rank
+        self.model = VisionTransformer(cfg, np.dtype(dtype), seed=0)
+        self.optimizer = AdamW(self.model.store, lr=1e-3)
+        self.loss_fn = CrossEntropyLoss()
+        rng = np.random.default_rng(comm.rank)
+        shape = (batch_per_rank, cfg.in_chans, cfg.img_size, cfg.img_size)
+        self.x = rng.random(shape).astype(dtype)
+        self.y = rng.integers(0, cfg.num_classes, batch_per_rank)
+        self.allreduce_seconds = 0.0
+
+    def step(self) -> None:
+        store = self.model.store
+        store.zero_grad()
+        logits = self.model.forward(self.x, train=True)
+        _, dlogits = self.loss_fn(logits, self.y, denominator=self.batch * self.comm.size)
+        self.model.backward(dlogits)
+        start = time.perf_counter()
+        self.comm.allreduce_sum_(store.flat_grads)
+        self.allreduce_seconds += time.perf_counter() - start
+        clip_grad_norm_(store.flat_grads, 1.0)
+        self.optimizer.step()
+
+    def run(self, steps: int, warmup: int, repeats: int) -> StepTimes:
+        """Time ``repeats`` blocks of ``steps`` steps after ``warmup`` untimed ones."""
+        for _ in range(warmup):
+            self.step()
+        self.allreduce_seconds = 0.0
+        times = []
+        for _ in range(repeats):
+            self.comm.barrier()
+            start = time.perf_counter()
+            for _ in range(steps):
+                self.step()
+            times.append(self.comm.allreduce_max(time.perf_counter() - start))
+        share = self.comm.allreduce_max(self.allreduce_seconds)
+        return StepTimes(times, share, steps)
+
+
+def summarize(times: StepTimes, images_per_step: int) -> dict[str, float]:
+    """images/s as median and spread over the repeats, plus the allreduce share of time."""
+    rates = [images_per_step * times.steps / t for t in times.repeats]
+    return {
+        "images_per_s": statistics.median(rates),
+        "images_per_s_min": min(rates),
+        "images_per_s_max": max(rates),
+        "step_ms": 1e3 * statistics.median(times.repeats) / times.steps,
+        "allreduce_share": times.allreduce / sum(times.repeats),
+    }
+
+
+#: The layer types whose forward/backward time the per-layer table reports. Containers are
+#: timed inclusive of their children (Attention includes its qkv and proj Linears).
+TIMED_LAYERS = (PatchEmbed, LayerNorm, Attention, Mlp, Linear, GELU)
+
+
+@contextlib.contextmanager
+def layer_timer() -> Iterator[dict[str, float]]:
+    """Temporarily wrap the forward/backward of ``TIMED_LAYERS`` to accumulate seconds."""
+    totals: dict[str, float] = defaultdict(float)
+    originals = []
+    for cls in TIMED_LAYERS:
+        fwd, bwd = cls.forward, cls.backward
+        originals.append((cls, fwd, bwd))
+
+        def timed_fwd(self, x, train, *args, _f=fwd, _key=f"{cls.__name__}.forward"):
+            start = time.perf_counter()
+            out = _f(self, x, train, *args)
+            totals[_key] += time.perf_counter() - start
+            return out
+
+        def timed_bwd(self, dy, _b=bwd, _key=f"{cls.__name__}.backward"):
+            start = time.perf_counter()
+            out = _b(self, dy)
+            totals[_key] += time.perf_counter() - start
+            return out
+
+        cls.forward, cls.backward = timed_fwd, timed_bwd
+    try:
+        yield totals
+    finally:
+        for cls, fwd, bwd in originals:
+            cls.forward, cls.backward = fwd, bwd
+
+
+def layer_table(bench: StepBench, steps: int) -> list[dict[str, float | str]]:
+    """Milliseconds per step in each layer type's forward and backward (this rank)."""
+    with layer_timer() as totals:
+        for _ in range(steps):
+            bench.step()
+    return [{"layer": key, "ms_per_step": 1e3 * seconds / steps}
+            for key, seconds in sorted(totals.items(), key=lambda kv: -kv[1])]

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Run dpvit training on this machine with N ranks (default: one per core).
+#
+#   launch/local.sh                 # one rank per core, default MNIST recipe
+#   NP=4 launch/local.sh --epochs 1 --run-dir runs/try
+#
+# Each rank uses one BLAS thread when several share the host; dpvit decides this itself
+# (dpvit.dist.configure_threads), so nothing needs exporting here. Extra arguments go to
+# `python -m dpvit.train`.
+set -euo pipefail
+np="${NP:-$(nproc)}"
+python="${PYTHON:-python}"
+mpirun="$(dirname "$(command -v "$python")")/mpirun"
+[ -x "$mpirun" ] || mpirun="mpirun"
+exec "$mpirun" -n "$np" "$python" -m dpvit.train "$@"
