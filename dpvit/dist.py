@@ -373,17 +373,16 @@ class _RankFormatter(logging.Formatter):
 
 
 def setup_logging(comm: Comm, debug: bool = False) -> None:
-    """Send log records to stderr: rank 0 at INFO (DEBUG with `debug`), others at WARNING."""
+    """Send log records to stderr: rank 0 at INFO (dpvit's own at DEBUG with `debug`, so
+    libraries such as matplotlib stay quiet), others at WARNING."""
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h.formatter, _RankFormatter)]:
         root.removeHandler(old)  # calling twice (tests, several commands) keeps one handler
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_RankFormatter(comm.rank, comm.size))
     root.addHandler(handler)
-    if comm.is_root:
-        root.setLevel(logging.DEBUG if debug else logging.INFO)
-    else:
-        root.setLevel(logging.WARNING)
+    root.setLevel(logging.INFO if comm.is_root else logging.WARNING)
+    logging.getLogger("dpvit").setLevel(logging.DEBUG if debug and comm.is_root else logging.NOTSET)
 
 
 def debug_requested(argv: list[str] | None = None) -> bool:
@@ -392,7 +391,18 @@ def debug_requested(argv: list[str] | None = None) -> bool:
     return "--debug" in args or os.environ.get("DPVIT_DEBUG", "") not in ("", "0")
 
 
-def run_main(main: Callable[[Comm], int | None], argv: list[str] | None = None) -> int:
+def launcher_rank(environ: dict[str, str] | None = None) -> int:
+    """This process's rank as the launcher numbered it (0 without a launcher), read from the
+    environment so that it is known without initialising MPI."""
+    env = os.environ if environ is None else environ
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PALS_RANKID", "SLURM_PROCID"):
+        if env.get(name, "").isdigit():
+            return int(env[name])
+    return 0
+
+
+def run_main(main: Callable[[Comm], int | None], argv: list[str] | None = None,
+             single_process: bool = False) -> int:
     """Run a command's `main(comm)` with dpvit's process setup and failure handling.
 
     Sets up the communicator (`init_comm`), BLAS threads, logging and the allocator
@@ -408,12 +418,14 @@ def run_main(main: Callable[[Comm], int | None], argv: list[str] | None = None) 
     Args:
         main: The command body; returns an exit status (None means 0).
         argv: Command-line arguments used to detect `--debug` (default `sys.argv[1:]`).
+        single_process: Give every process a world of one even under a launcher (the
+            training debug mode, where only launcher rank 0 does anything).
 
     Returns:
         The exit status, for `sys.exit`. With more than one rank a failure never returns.
     """
     debug = debug_requested(argv)
-    comm = init_comm()
+    comm = init_comm(force_local=single_process)
     setup_logging(comm, debug=debug)
     try:
         configure_threads(comm)

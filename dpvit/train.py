@@ -6,6 +6,10 @@
 
 Rank 0 writes ``config.json``, ``metrics.jsonl``, ``report/`` and ``checkpoints/`` into the run
 directory; the other ranks write nothing.
+
+Exit status: 0 done; 1 an error (one line naming the file or setting); 143 (SIGTERM) or 130
+(SIGINT) after a requested stop, with a checkpoint of the last step written, so a scheduler
+can requeue the same command with ``--resume auto``. docs/reliability.md lists every fault.
 """
 
 from __future__ import annotations
@@ -19,11 +23,24 @@ from pathlib import Path
 
 from dpvit.checkpoint import Checkpoint, find_resume_checkpoint, load_checkpoint
 from dpvit.config import Config, ViTConfig, load_config
-from dpvit.dist import Comm, run_main
+from dpvit.dist import Comm, launcher_rank, run_main
 from dpvit.errors import ConfigError
+from dpvit.guard import RunDirLock, StopSignals, check_same_setup
 from dpvit.trainer import Trainer
 
 logger = logging.getLogger("dpvit.train")
+
+
+def apply_debug_settings(cfg: Config, explicit: set[str]) -> None:
+    """--debug: float64, a small subset, per-step logging (subset and logging flags given
+    explicitly still win); the per-layer checks are switched on by the Trainer."""
+    cfg.train.dtype = "float64"
+    for key, value in (("train_subset", 2048), ("test_subset", 1000), ("log_every", 1),
+                       ("epochs", 1), ("no_progress", True)):
+        if key not in explicit:
+            setattr(cfg.train, key, value)
+    logger.info("debug mode: one process, float64, %s training / %s test images, checks on",
+                cfg.train.train_subset, cfg.train.test_subset)
 
 
 def resolve_run_dir(cfg: Config, comm: Comm) -> Path:
@@ -53,7 +70,7 @@ def find_checkpoint(cfg: Config, run_dir: Path) -> Checkpoint | None:
     return ckpt
 
 
-def merge_resumed_config(cfg: Config, explicit: set[str], saved: dict) -> Config:
+def merge_resumed_config(cfg: Config, explicit: set[str], saved: dict, source: str) -> Config:
     """The checkpoint's config, with training flags given now taking precedence.
 
     The model shape always comes from the checkpoint: a model flag that contradicts it is an
@@ -64,7 +81,8 @@ def merge_resumed_config(cfg: Config, explicit: set[str], saved: dict) -> Config
         if key in explicit and value != getattr(merged.model, key):
             raise ConfigError(
                 f"model setting {key}={value!r} conflicts with the checkpoint's "
-                f"{key}={getattr(merged.model, key)!r}; the model shape comes from the checkpoint"
+                f"{key}={getattr(merged.model, key)!r} in {source}; the model shape comes from "
+                "the checkpoint"
             )
     for key, value in asdict(cfg.train).items():
         if key in explicit or key in ("resume", "run_dir"):
@@ -75,18 +93,29 @@ def merge_resumed_config(cfg: Config, explicit: set[str], saved: dict) -> Config
 def run(comm: Comm, argv: list[str] | None) -> int:
     """The command body, run on every rank by ``run_main``."""
     cfg, explicit = load_config(argv)
+    if cfg.train.debug:
+        if launcher_rank() != 0:
+            return 0  # debug mode is one process whatever the launcher: launcher rank 0
+        apply_debug_settings(cfg, explicit)
     run_dir = resolve_run_dir(cfg, comm)
     cfg.train.run_dir = str(run_dir)
+    with StopSignals() as stop, RunDirLock(comm, run_dir):
+        return train_in(run_dir, comm, cfg, explicit, stop)
+
+
+def train_in(run_dir: Path, comm: Comm, cfg: Config, explicit: set[str],
+             stop: StopSignals) -> int:
+    """Resume or start in the claimed ``run_dir`` once every rank agrees on the setup; train."""
     ckpt = find_checkpoint(cfg, run_dir) if comm.is_root else None
-    saved = comm.broadcast_object(ckpt.config if ckpt is not None else None)
+    saved = comm.broadcast_object((ckpt.config, str(ckpt.path)) if ckpt is not None else None)
     if saved is not None:
-        cfg = merge_resumed_config(cfg, explicit, saved)
+        cfg = merge_resumed_config(cfg, explicit, *saved)
+    check_same_setup(comm, cfg)
     if comm.is_root:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(cfg.to_json() + "\n")
         logger.info("run directory %s; model %s", run_dir, _describe(cfg.model))
     comm.barrier()
-    trainer = Trainer(cfg, comm, run_dir)
+    trainer = Trainer(cfg, comm, run_dir, stop)
     trainer.restore_everywhere(ckpt)
     start = time.perf_counter()
     report = trainer.fit()
@@ -105,7 +134,8 @@ def _describe(model: ViTConfig) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (``dpvit-train``)."""
-    sys.exit(run_main(partial(run, argv=argv), argv))
+    args = sys.argv[1:] if argv is None else argv
+    sys.exit(run_main(partial(run, argv=argv), argv, single_process="--debug" in args))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -23,22 +22,22 @@ from dpvit.config import Config
 from dpvit.data import (
     DATASETS,
     BatchIterator,
-    eval_shard,
     load_split,
-    normalize,
     prepare_dataset,
     train_batches,
 )
+from dpvit.debug import gradient_spot_check, watch_non_finite
 from dpvit.dist import Comm
 from dpvit.errors import UserError
+from dpvit.evaluate import Evaluation, evaluate_model, read_metrics
+from dpvit.guard import NonFiniteSteps, StopSignals, agreed_stop, check_finite, preempted
 from dpvit.nn.losses import CrossEntropyLoss
 from dpvit.optim import build_optimizer, clip_grad_norm_, lr_at
-from dpvit.report import build_report, confusion_matrix, write_report
+from dpvit.progress import ProgressBar, progress_wanted
+from dpvit.report import ReportContext, write_report
 from dpvit.vit import VisionTransformer
 
 logger = logging.getLogger(__name__)
-
-EVAL_BATCH = 500  # test images per forward pass: large enough for BLAS, small in memory
 
 
 class Trainer:
@@ -48,13 +47,17 @@ class Trainer:
         cfg: the resolved configuration (identical on every rank).
         comm: the job's communicator.
         run_dir: where rank 0 writes metrics, reports and checkpoints.
+        stop: the job's SIGTERM/SIGINT flag; checked (agreed across ranks) after every step.
     """
 
-    def __init__(self, cfg: Config, comm: Comm, run_dir: Path) -> None:
-        self.cfg, self.comm, self.run_dir = cfg, comm, run_dir
+    def __init__(self, cfg: Config, comm: Comm, run_dir: Path,
+                 stop: StopSignals | None = None) -> None:
+        self.cfg, self.comm, self.run_dir, self.stop = cfg, comm, run_dir, stop
         t = cfg.train
         self.dtype = np.dtype(t.dtype)
         self.model = VisionTransformer(cfg.model, self.dtype, seed=t.seed)
+        if t.debug:
+            watch_non_finite(self.model)
         self.store = self.model.store
         self.optimizer = build_optimizer(
             t.optimizer, self.store, t.lr, t.weight_decay, momentum=t.momentum,
@@ -78,6 +81,7 @@ class Trainer:
         self.step = self.epoch = self.position = 0
         self.best_accuracy = -1.0
         self.history: list[dict[str, Any]] = []
+        self.bad_steps = NonFiniteSteps(t.max_bad_steps, self.log_metrics)
         self.sync_parameters("initial parameters")
 
     # -- state ---------------------------------------------------------------------------------
@@ -108,13 +112,13 @@ class Trainer:
         """Load a checkpoint's state (on rank 0; ``sync_parameters`` then spreads it)."""
         params = self.store.named_params()
         for name, view in params.items():
-            if name not in ckpt.params or ckpt.params[name].shape != view.shape:
-                raise UserError(f"checkpoint parameter {name} is missing or has a wrong shape")
+            _check_saved_shape(ckpt, "params", name, ckpt.params.get(name), view)
             view[...] = ckpt.params[name]
         buffers = {}
         for state, arrays in ckpt.optimizer.items():
             flat = np.zeros_like(self.store.flat_params)
             for name, view in self.store.named_views(flat).items():
+                _check_saved_shape(ckpt, f"optimizer/{state}", name, arrays.get(name), view)
                 view[...] = arrays[name]
             buffers[state] = flat
         self.optimizer.load_state_dict(buffers, ckpt.optimizer_scalars)
@@ -136,6 +140,18 @@ class Trainer:
 
     # -- one step ------------------------------------------------------------------------------
 
+    def check_gradients(self, indices: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+        """--debug: finite differences for a few gradient entries on this batch (one process)."""
+        t = self.cfg.train
+        self.model.set_dropout_keys(t.seed, self.step, indices)
+
+        def loss_of() -> tuple[float, np.ndarray]:
+            logits = self.model.forward(x.astype(self.dtype, copy=False), train=True)
+            return self.loss_fn(logits, y, denominator=t.batch_size)
+
+        worst = max(r["rel_err"] for r in gradient_spot_check(self.model, loss_of))
+        logger.info("gradient check on the first batch: max relative error %.1e", worst)
+
     def train_step(self, indices: np.ndarray, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         """Forward/backward on this rank's share, allreduce, clip, optimizer step."""
         t = self.cfg.train
@@ -150,35 +166,34 @@ class Trainer:
         self.comm.allreduce_sum_(self.store.flat_grads)
         loss, correct = self.comm.allreduce_sum(np.array([loss, correct]))
         grad_norm = clip_grad_norm_(self.store.flat_grads, t.grad_clip)
-        if not math.isfinite(grad_norm):
-            raise UserError(f"non-finite gradient norm at step {self.step}; lower --lr")
         lr = lr_at(self.step, t.lr, t.warmup_steps, self.schedule_steps, t.min_lr)
-        self.optimizer.lr = lr
-        self.optimizer.step()
+        # a skipped step uses up its batch; the model and optimizer state stay as they were
+        if self.bad_steps.ok(self.step + 1, self.epoch, float(loss), grad_norm):
+            self.optimizer.lr = lr
+            self.optimizer.step()
+            check_finite(self.store.flat_params, self.step + 1)
         self.step += 1
         return {"loss": float(loss), "accuracy": correct / t.batch_size, "lr": lr,
-                "grad_norm": grad_norm}
+                "grad_norm": grad_norm, "skipped_steps": self.bad_steps.total}
 
     # -- evaluation ----------------------------------------------------------------------------
 
-    def evaluate(self) -> dict[str, Any]:
-        """Score this rank's exact shard of the test split; return the summed report."""
-        k = self.cfg.model.num_classes
-        cm = np.zeros((k, k), dtype=np.int64)
-        loss_sum = 0.0
-        plain_ce = CrossEntropyLoss()
-        shard = eval_shard(len(self.test_y), self.comm.rank, self.comm.size)
-        for start in range(0, len(shard), EVAL_BATCH):
-            idx = shard[start : start + EVAL_BATCH]
-            x = normalize(self.test_x[idx], self.info.mean, self.info.std).astype(self.dtype)
-            logits = self.model.forward(x, train=False)
-            loss_sum += plain_ce(logits, self.test_y[idx], denominator=1)[0]
-            cm += confusion_matrix(self.test_y[idx], logits.argmax(axis=1), k)
-        cm = self.comm.allreduce_sum(cm)
-        loss_sum = float(self.comm.allreduce_sum(np.array([loss_sum]))[0])
-        return build_report(cm, loss_sum, dataset=self.cfg.train.dataset, split="test",
-                            epoch=self.epoch, step=self.step, world_size=self.comm.size,
-                            class_names=list(self.info.class_names))
+    def evaluate(self) -> Evaluation:
+        """Score the test split, each rank its exact shard (collectives: call on every rank)."""
+        return evaluate_model(self.model, self.test_x, self.test_y, self.comm, self.info,
+                              epoch=self.epoch, step=self.step)
+
+    def report_context(self, evaluation: Evaluation) -> ReportContext:
+        """What rank 0's HTML report draws: images, predictions, model, curves, LR schedule."""
+        t = self.cfg.train
+        schedule = np.array([lr_at(s, t.lr, t.warmup_steps, self.schedule_steps, t.min_lr)
+                             for s in range(self.schedule_steps)])
+        return ReportContext(images=self.test_x, labels=self.test_y,
+                             predictions=evaluation.predictions,
+                             confidences=evaluation.confidences, info=self.info,
+                             model=self.model,
+                             metrics=read_metrics(self.run_dir / "metrics.jsonl"),
+                             lr_schedule=schedule)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -197,9 +212,10 @@ class Trainer:
     def end_of_epoch(self, epoch_done: bool) -> dict[str, Any]:
         """Evaluate, report, checkpoint; advance to the next epoch if this one is done."""
         self.comm.check_identical(self.store.flat_params, f"parameters at step {self.step}")
-        report = self.evaluate()
         if epoch_done:
             self.epoch, self.position = self.epoch + 1, 0
+        evaluation = self.evaluate()  # reports the epochs completed, as the checkpoint does
+        report = evaluation.report
         record = {"kind": "epoch", "epoch": self.epoch, "step": self.step,
                   "test_loss": report["loss"], "test_accuracy": report["accuracy"],
                   "macro_f1": report["macro_f1"], "time": time.time()}
@@ -208,7 +224,7 @@ class Trainer:
         is_best = report["accuracy"] > self.best_accuracy
         self.best_accuracy = max(self.best_accuracy, report["accuracy"])
         if self.comm.is_root:
-            write_report(report, self.run_dir / "report")
+            write_report(report, self.run_dir / "report", self.report_context(evaluation))
         logger.info("epoch %d step %d: test loss %.4f, test accuracy %.2f%%, macro F1 %.4f",
                     self.epoch, self.step, report["loss"], 100 * report["accuracy"],
                     report["macro_f1"])
@@ -222,6 +238,9 @@ class Trainer:
         images_done, window_start = 0, time.perf_counter()
         logger.info("training %d steps (%d per epoch) at global batch %d on %d rank(s)",
                     self.total_steps, self.steps_per_epoch, t.batch_size, self.comm.size)
+        bar = None  # rank 0 on a terminal: a progress bar instead of the per-step log lines
+        if progress_wanted(t.no_progress, self.comm.is_root):
+            bar = ProgressBar(self.total_steps)
         while self.step < self.total_steps:
             batches = train_batches(len(self.train_y), t.batch_size, t.seed, self.epoch,
                                     self.comm.rank, self.comm.size)
@@ -230,20 +249,30 @@ class Trainer:
                                    self.info.std, train=True, augment=t.augment, seed=t.seed,
                                    epoch=self.epoch)
             for indices, (x, y) in zip(batches, loader, strict=True):
+                if t.debug and self.step == 0:
+                    self.check_gradients(indices, x, y)
                 stats = self.train_step(indices, x, y)
                 self.position += 1
                 images_done += t.batch_size
+                if bar is not None:
+                    bar.update(self.step, self.epoch, stats["loss"], stats["lr"], t.batch_size)
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
                     stats.update(kind="step", step=self.step, epoch=self.epoch,
                                  images_per_s=images_done / elapsed)
                     self.log_metrics(stats)
-                    logger.info("epoch %d step %d/%d: loss %.4f, lr %.2e, %.0f images/s",
-                                self.epoch, self.step, self.total_steps, stats["loss"],
-                                stats["lr"], stats["images_per_s"])
+                    logger.log(logging.INFO if bar is None else logging.DEBUG,
+                               "epoch %d step %d/%d: loss %.4f, lr %.2e, %.0f images/s",
+                               self.epoch, self.step, self.total_steps, stats["loss"],
+                               stats["lr"], stats["images_per_s"])
                     images_done, window_start = 0, time.perf_counter()
                     self.comm.check_identical(self.store.flat_params,
                                               f"parameters after step {self.step}")
+                if signum := agreed_stop(self.comm, self.stop):
+                    self.save(is_best=False)
+                    self.comm.barrier()  # every rank waits until the checkpoint is on disk
+                    raise preempted(signum, self.step,
+                                    self.run_dir / "checkpoints" / f"step-{self.step}.h5")
                 at_epoch_end = self.position == self.steps_per_epoch
                 if (t.checkpoint_every and self.step % t.checkpoint_every == 0
                         and not at_epoch_end and self.step < self.total_steps):
@@ -251,7 +280,20 @@ class Trainer:
             epoch_done = self.position == self.steps_per_epoch
             if epoch_done or self.step == self.total_steps:
                 report = self.end_of_epoch(epoch_done)
+                if bar is not None:
+                    bar.pause()
+        if bar is not None:
+            bar.close()
         return report
+
+
+def _check_saved_shape(ckpt: Checkpoint, group: str, name: str, saved: np.ndarray | None,
+                       view: np.ndarray) -> None:
+    """A checkpoint array must exist and fit the model built from the checkpoint's config."""
+    if saved is None or saved.shape != view.shape:
+        found = "nothing" if saved is None else f"shape {saved.shape}"
+        raise UserError(f"checkpoint {ckpt.path}: /{group}/{name} should have shape "
+                        f"{view.shape} for its model config but has {found}")
 
 
 def _subset(split: tuple[np.ndarray, np.ndarray], n: int | None):

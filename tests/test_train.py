@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import load_params, run_dpvit, train
+from helpers import TINY_ARGS, load_params, run_dpvit, train
 
 from dpvit.checkpoint import load_checkpoint
 from dpvit.config import Config
@@ -150,3 +150,28 @@ def test_damaged_resume_file_is_a_clear_error(tmp_path):
                        ranks=2, timeout=60)
     assert result.returncode != 0
     assert str(bad) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_debug_mode_is_one_process_float64_with_gradient_check(tmp_path):
+    run = tmp_path / "run"
+    result = run_dpvit("train", [*TINY_ARGS, "--debug", "--max-steps", "2", "--run-dir",
+                                 str(run)], ranks=2)
+    assert result.returncode == 0, result.stderr
+    assert "debug mode: one process, float64" in result.stderr
+    errors = [float(line.rsplit(" ", 1)[1]) for line in result.stderr.splitlines()
+              if "gradient check on the first batch: max relative error" in line]
+    assert len(errors) == 1 and errors[0] < 1e-6
+    assert "on 1 rank(s)" in result.stderr
+    assert json.loads((run / "config.json").read_text())["train"]["dtype"] == "float64"
+
+
+def test_debug_mode_names_the_first_layer_with_non_finite_output():
+    from dpvit.config import ViTConfig
+    from dpvit.debug import NonFiniteError, watch_non_finite
+
+    model = VisionTransformer(ViTConfig(img_size=8, embed_dim=8, depth=2, num_heads=2),
+                              dtype=np.float64)
+    model.store.param("blocks.1.mlp.fc1.weight")[0, 0] = np.inf
+    watch_non_finite(model)
+    with pytest.raises(NonFiniteError, match=r"layer blocks\.1\.mlp\.fc1 forward output"):
+        model.forward(np.ones((2, 1, 8, 8)), train=True)
