@@ -60,15 +60,15 @@ class Attention(Layer):
         attn_d = self.attn_drop.forward(attn, train)
         out = np.empty((B, Q, H, hd), dtype=attn.dtype)
         np.matmul(attn_d, v, out=out.transpose(0, 2, 1, 3))  # heads land already interleaved
-        self.cache = (q, k, v, attn, attn_d)
+        self.cache = (q, k, v, attn, attn_d, out)
         return self.proj_drop.forward(self.proj.forward(out.reshape(B, Q, D), train), train)
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        q, k, v, attn, attn_d = self._take_cache()
+        q, k, v, attn, attn_d, out = self._take_cache()
         B, H, Q, hd = q.shape
         N = k.shape[2]
-        dout = self.proj.backward(self.proj_drop.backward(dy))
-        dout = dout.reshape(B, Q, H, hd).transpose(0, 2, 1, 3)  # (B, H, Q, hd) view
+        dout_rows = self.proj.backward(self.proj_drop.backward(dy)).reshape(B, Q, H, hd)
+        dout = dout_rows.transpose(0, 2, 1, 3)  # (B, H, Q, hd) view
         # gradients are written straight into the (B, N, 3, H, hd) layout the qkv Linear wants
         dqkv = np.empty((B, N, 3, H, hd), dtype=dy.dtype)
         dqkv[:, Q:, 0] = 0.0  # tokens that were not queries
@@ -76,7 +76,12 @@ class Attention(Layer):
         dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in (1, 2))
         np.matmul(attn_d.transpose(0, 1, 3, 2), dout, out=dv)
         dattn = self.attn_drop.backward(dout @ v.transpose(0, 1, 3, 2))
-        dscores = F.softmax_bwd(dattn, attn)
+        # softmax backward: dscores = attn * (dattn - sum_j dattn_ij attn_ij). That row sum
+        # equals dout_i . out_i (FlashAttention's D term, dropout included since
+        # out = attn_d @ v), a sum over hd = 16 numbers per row instead of N = 50.
+        row_dots = F.row_sum(dout_rows * out).transpose(0, 2, 1)[..., None]  # (B, H, Q, 1)
+        dscores = np.subtract(dattn, row_dots, out=dattn)
+        dscores *= attn
         np.matmul(dscores, k, out=dq)
         dq *= self.scale
         np.matmul(dscores.transpose(0, 1, 3, 2), q, out=dk)  # q is already scaled

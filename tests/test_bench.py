@@ -1,0 +1,63 @@
+"""python -m dpvit.bench: JSON output, MPI runs, FLOP formula, torch comparison plumbing.
+
+These check that the benchmark measures and reports correctly, on a tiny model; the speed
+targets themselves are checked by running the benchmark, not by timed tests.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import run_dpvit
+
+from dpvit.config import ViTConfig
+from dpvit.profiling import forward_flops_per_image
+
+TINY = ["--dim", "16", "--depth", "1", "--heads", "2", "--batch-size", "8", "--steps", "2",
+        "--warmup", "1", "--repeats", "2"]
+
+
+def _json(result) -> dict:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_bench_json_single_process():
+    out = _json(run_dpvit("bench", [*TINY, "--json"]))
+    assert out["world_size"] == 1 and out["batch_per_rank"] == 8
+    assert out["images_per_s_min"] <= out["images_per_s"] <= out["images_per_s_max"]
+    assert 0 < out["mfu"] < 1 and out["peak_rss_mib_per_rank"] > 0
+    layers = {row["layer"] for row in out["layers"]}
+    assert {"Attention.forward", "Attention.backward", "Linear.backward"} <= layers
+
+
+def test_bench_under_mpirun_reports_the_world():
+    out = _json(run_dpvit("bench", [*TINY, "--json", "--no-layers"], ranks=2))
+    assert out["world_size"] == 2 and out["threads_per_rank"] == 1
+    assert 0 <= out["allreduce_share"] < 1
+
+
+def test_flop_formula_matches_a_hand_count():
+    cfg = ViTConfig()
+    T, D, hidden = 50, 64, 128
+    # qkv, proj, fc1, fc2; then scores and the weighted sum, T x T x head_dim per head
+    per_block = 2 * T * (D * 3 * D + D * D + D * hidden + hidden * D) + 2 * 2 * T * T * D
+    expected = 2 * 49 * 16 * D + 6 * per_block + 2 * D * 10
+    assert forward_flops_per_image(cfg) == expected
+
+
+def test_compare_torch_prints_a_ratio():
+    pytest.importorskip("torch")
+    result = run_dpvit("bench", [*TINY, "--compare-torch", "--ranks", "2", "--rounds", "1",
+                                 "--json"], timeout=300)
+    out = _json(result)
+    (name, ratio), = out["ratios"].items()
+    assert name == "dpvit -n 2 x 1 thread(s) / torch DDP 2 x 1 thread(s)" and ratio > 0
+
+
+def test_bad_bench_flag_is_one_clear_line():
+    result = run_dpvit("bench", ["--steps", "0"])
+    assert result.returncode == 1
+    assert "--steps must be a positive integer" in result.stderr
+    assert "Traceback" not in result.stderr
