@@ -45,6 +45,14 @@ FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step-(\d+)\.h5$")
 _TMP_MARK = ".tmp-"  # temporary files are "<final name>.tmp-<pid>-<hex>" (git-ignored)
 _META_ATTRS = ("format_version", "step", "epoch", "position", "world_size", "config")
+# what h5py and the decoders raise on damaged metadata (RuntimeError: e.g. a corrupt local heap,
+# found by tests/test_fuzz.py)
+_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError)
+# every file starts with a 512-byte HDF5 user block holding _MAGIC and the SHA-256 and size of
+# the whole file, checked before HDF5 reads anything (see _check_sealed)
+_HEADER_BYTES = 512
+_MAGIC = b"dpvit checkpoint\n"
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 class CheckpointError(UserError):
@@ -67,6 +75,7 @@ class Checkpoint:
         world_size: Number of ranks that wrote it (informational; resume works on any).
         config: The full resolved configuration.
         metrics: Metrics history, one dict per logged step or epoch.
+        path: The file it was loaded from (None when built in memory); for error messages.
     """
 
     params: dict[str, np.ndarray]
@@ -79,6 +88,7 @@ class Checkpoint:
     world_size: int = 1
     config: dict[str, Any] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    path: Path | None = field(default=None, compare=False)
 
 
 def _json_default(obj: Any) -> Any:
@@ -178,7 +188,7 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
     }
     try:
         digest = hashlib.sha256()
-        with h5py.File(tmp, "w", locking=False) as f:
+        with h5py.File(tmp, "w", locking=False, userblock_size=_HEADER_BYTES) as f:
             _write_named(f.create_group("params"), ckpt.params, digest)
             opt = f.create_group("optimizer")
             for state in sorted(ckpt.optimizer):  # HDF5 lists groups alphabetically
@@ -194,6 +204,7 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
             f.attrs["dpvit_version"] = __version__
             f.attrs["digest"] = digest.hexdigest()
             f.flush()
+        _seal(tmp)
         _fsync_path(tmp)
         os.replace(tmp, final)
         _fsync_path(final.parent)
@@ -250,9 +261,59 @@ def _group(parent: h5py.Group, key: str, where: Path) -> h5py.Group:
     return obj
 
 
+def _file_digest(fh: Any) -> tuple[str, int]:
+    """SHA-256 and length of an open file's bytes after the header."""
+    fh.seek(_HEADER_BYTES)
+    digest, size = hashlib.sha256(), _HEADER_BYTES
+    while chunk := fh.read(1 << 20):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _seal(path: Path) -> None:
+    """Write the header: magic line, then JSON with the SHA-256 and size of the whole file."""
+    with open(path, "r+b") as fh:
+        sha, size = _file_digest(fh)
+        header = _MAGIC + json.dumps({"sha256": sha, "size": size}).encode() + b"\n"
+        fh.seek(0)
+        fh.write(header.ljust(_HEADER_BYTES, b" "))
+
+
+def _check_sealed(path: Path) -> None:
+    """Compare the file with its header before the HDF5 library parses any of it.
+
+    HDF5 can loop forever on damaged metadata (tests/test_fuzz.py found a flipped byte that
+    makes reading an attribute hang), so a damaged file must be refused on its bytes alone.
+    Files without the header (written before it existed) go straight to HDF5.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(_HEADER_BYTES)
+        if head[: len(_MAGIC)] != _MAGIC:
+            fh.seek(_HEADER_BYTES)
+            if fh.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
+                raise CheckpointError(f"checkpoint {path} is damaged: its header is unreadable")
+            return
+        try:
+            sealed = json.loads(head[len(_MAGIC):].decode())
+            expected_sha, expected_size = str(sealed["sha256"]), int(sealed["size"])
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+            raise CheckpointError(f"checkpoint {path} is damaged: its header is unreadable") \
+                from None
+        sha, size = _file_digest(fh)
+    if size < expected_size:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated (the file has {size} of its {expected_size} bytes)")
+    if size != expected_size or sha != expected_sha:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: its SHA-256 digest does not match the one saved with "
+            "it (the file changed after it was written)")
+
+
 def _open(path: Path) -> h5py.File:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    _check_sealed(path)
     if not h5py.is_hdf5(path):
         raise CheckpointError(f"checkpoint {path} is not an HDF5 file (empty or wrong file)")
     try:
@@ -272,8 +333,13 @@ def read_checkpoint_step(path: str | os.PathLike) -> int:
         CheckpointError: If the file cannot be opened or has no step attribute.
     """
     where = Path(path)
-    with _open(where) as f:
-        return int(_attr(f, "step", where))
+    try:
+        with _open(where) as f:
+            return int(_attr(f, "step", where))
+    except CheckpointError:
+        raise
+    except _READ_ERRORS as exc:
+        raise CheckpointError(f"checkpoint {where} is damaged or malformed ({exc})") from exc
 
 
 def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
@@ -298,7 +364,7 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
             return _load(f, where, verify)
     except CheckpointError:
         raise
-    except (OSError, KeyError, ValueError, TypeError) as exc:
+    except _READ_ERRORS as exc:
         raise CheckpointError(f"checkpoint {where} is damaged or malformed ({exc})") from exc
 
 
@@ -336,6 +402,7 @@ def _load(f: h5py.File, where: Path, verify: bool) -> Checkpoint:
         world_size=int(attrs["world_size"]),
         config=json.loads(attrs["config"]),
         metrics=metrics,
+        path=where,
     )
 
 

@@ -88,13 +88,15 @@ class TrainConfig:
     optimizer: str = _opt("adamw", "optimizer", choices=("adamw", "sgd"))
     lr: float = _opt(2e-3, "peak learning rate for the global batch")
     min_lr: float = _opt(1e-5, "learning rate at the end of the cosine schedule")
-    warmup_steps: int = _opt(500, "linear warmup steps")
+    warmup_epochs: float = _opt(1.0, "linear warmup length, at most a fifth of the run")
     weight_decay: float = _opt(0.05, "decoupled weight decay (not on biases, norms, embeddings)")
     momentum: float = _opt(0.9, "SGD momentum")
     nesterov: bool = _opt(False, "Nesterov momentum for SGD")
     beta1: float = _opt(0.9, "AdamW beta1")
     beta2: float = _opt(0.999, "AdamW beta2")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
+    max_bad_steps: int = _opt(5, "stop after this many steps in a row with a non-finite loss "
+                                 "or gradient norm (each is skipped, not applied)")
     label_smoothing: float = _opt(0.1, "cross-entropy label smoothing")
     augment: bool = _opt(True, "random shift/rotation/scale of training images")
     seed: int = _opt(0, "seed for initialisation, shuffling, augmentation and dropout")
@@ -111,7 +113,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError with one clear sentence for an impossible setting."""
-        positive = ("epochs", "batch_size", "keep", "log_every")
+        positive = ("epochs", "batch_size", "keep", "log_every", "max_bad_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -121,8 +123,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
-        if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.grad_clip < 0:
-            raise ConfigError("warmup_steps, checkpoint_every and grad_clip must not be negative")
+        if self.warmup_epochs < 0 or self.checkpoint_every < 0 or self.grad_clip < 0:
+            raise ConfigError("warmup_epochs, checkpoint_every and grad_clip must not be negative")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 

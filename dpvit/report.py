@@ -1,18 +1,25 @@
-"""Evaluation reports: metrics from a confusion matrix, written as JSON and Markdown.
+"""Evaluation reports: metrics from a confusion matrix, written as JSON, Markdown and HTML.
 
-Every rank scores its shard of the test split; the trainer sums the confusion matrices across
-ranks and rank 0 calls ``write_report`` with the total, so the numbers never depend on how the
-split was sharded.
+Every rank scores its shard of the test split (``dpvit.evaluate.evaluate_model``, used by the
+trainer and the evaluate command alike); the confusion matrices are summed across ranks and
+rank 0 calls ``write_report`` with the total, so the numbers never depend on how the split was
+sharded. ``report.json`` keeps exactly the keys DESIGN.md fixes; with a ``ReportContext`` (the
+images, per-image predictions, model and metrics history) rank 0 also writes
+``predictions.csv`` and the plots of ``report.html`` (see ``dpvit.report_html``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dpvit.data import DatasetInfo
+from dpvit.report_html import render_html
 
 
 def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -92,16 +99,67 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
+@dataclass
+class ReportContext:
+    """What the HTML report shows beyond the numbers of report.json (rank 0 only).
+
+    Attributes:
+        images: (N, H, W) uint8 images of the evaluated split, in split order.
+        labels: (N,) true classes.
+        predictions: (N,) predicted classes.
+        confidences: (N,) probability of the predicted class.
+        info: the dataset (normalisation constants and class names).
+        model: the evaluated model, for attention-rollout maps (None: no maps).
+        metrics: the run's metrics.jsonl records, for the training curves.
+        lr_schedule: learning rate of every scheduled step (None: the logged values).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    predictions: np.ndarray
+    confidences: np.ndarray
+    info: DatasetInfo
+    model: Any = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    lr_schedule: np.ndarray | None = None
+
+
+def render_predictions_csv(context: ReportContext) -> str:
+    """One line per image: index, true class, predicted class, confidence."""
+    lines = ["index,label,prediction,confidence"]
+    lines += [f"{i},{t},{p},{c:.6f}" for i, (t, p, c) in enumerate(zip(
+        context.labels.tolist(), context.predictions.tolist(), context.confidences.tolist(),
+        strict=True))]
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
     os.replace(tmp, path)
 
 
-def write_report(report: dict[str, Any], report_dir: str | os.PathLike) -> Path:
-    """Write report.json and report.md into ``report_dir`` (each replaced atomically)."""
+def write_report(report: dict[str, Any], report_dir: str | os.PathLike,
+                 context: ReportContext | None = None) -> Path:
+    """Write report.json, report.md and report.html into ``report_dir`` (each atomically).
+
+    With a ``context`` also predictions.csv and the plots (PNG files, embedded in the HTML).
+
+    Returns:
+        The path of report.json.
+    """
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     _write_atomic(out / "report.md", render_markdown(report))
+    if context is not None:
+        _write_atomic(out / "predictions.csv", render_predictions_csv(context))
+    html, pngs = render_html(report, context)
+    for name, data in pngs.items():
+        _write_atomic(out / name, data)
+    _write_atomic(out / "report.html", html)
     return out / "report.json"

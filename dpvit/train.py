@@ -9,7 +9,7 @@ directory; the other ranks write nothing.
 
 Exit status: 0 done; 1 an error (one line naming the file or setting); 143 (SIGTERM) or 130
 (SIGINT) after a requested stop, with a checkpoint of the last step written, so a scheduler
-can requeue the same command with ``--resume auto``. docs/reliability.md lists every fault.
+can requeue the same command with ``--resume auto``. README.md, "Reliability", lists the faults.
 """
 
 from __future__ import annotations

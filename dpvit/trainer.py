@@ -76,6 +76,9 @@ class Trainer:
         # there and resumed follows exactly the same learning-rate curve
         self.schedule_steps = t.epochs * self.steps_per_epoch
         self.total_steps = self.schedule_steps
+        # capped so that short runs (--epochs 1) still spend most steps at the peak rate
+        self.warmup_steps = min(round(t.warmup_epochs * self.steps_per_epoch),
+                                self.schedule_steps // 5)
         if t.max_steps is not None:
             self.total_steps = min(self.total_steps, t.max_steps)
         self.step = self.epoch = self.position = 0
@@ -166,12 +169,12 @@ class Trainer:
         self.comm.allreduce_sum_(self.store.flat_grads)
         loss, correct = self.comm.allreduce_sum(np.array([loss, correct]))
         grad_norm = clip_grad_norm_(self.store.flat_grads, t.grad_clip)
-        lr = lr_at(self.step, t.lr, t.warmup_steps, self.schedule_steps, t.min_lr)
+        lr = lr_at(self.step, t.lr, self.warmup_steps, self.schedule_steps, t.min_lr)
         # a skipped step uses up its batch; the model and optimizer state stay as they were
         if self.bad_steps.ok(self.step + 1, self.epoch, float(loss), grad_norm):
             self.optimizer.lr = lr
             self.optimizer.step()
-            check_finite(self.store.flat_params, self.step + 1)
+            check_finite({"parameters": self.store.flat_params}, self.step + 1)
         self.step += 1
         return {"loss": float(loss), "accuracy": correct / t.batch_size, "lr": lr,
                 "grad_norm": grad_norm, "skipped_steps": self.bad_steps.total}
@@ -186,7 +189,7 @@ class Trainer:
     def report_context(self, evaluation: Evaluation) -> ReportContext:
         """What rank 0's HTML report draws: images, predictions, model, curves, LR schedule."""
         t = self.cfg.train
-        schedule = np.array([lr_at(s, t.lr, t.warmup_steps, self.schedule_steps, t.min_lr)
+        schedule = np.array([lr_at(s, t.lr, self.warmup_steps, self.schedule_steps, t.min_lr)
                              for s in range(self.schedule_steps)])
         return ReportContext(images=self.test_x, labels=self.test_y,
                              predictions=evaluation.predictions,
@@ -204,6 +207,9 @@ class Trainer:
                 fh.write(json.dumps(record) + "\n")
 
     def save(self, is_best: bool) -> None:
+        check_finite({"parameters": self.store.flat_params,
+                      **{f"optimizer {k}": v for k, v in self.optimizer.state.items()}},
+                     self.step)
         if self.comm.is_root:
             path = save_rolling(self.run_dir / "checkpoints", self.checkpoint(),
                                 self.cfg.train.keep, is_best)

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_ARGS = [
     "--dim", "16", "--depth", "1", "--heads", "2", "--mlp-ratio", "2", "--patch-size", "7",
     "--train-subset", "256", "--test-subset", "200", "--batch-size", "32",
-    "--warmup-steps", "2", "--no-progress",
+    "--warmup-epochs", "0.25", "--no-progress",
 ]
 
 

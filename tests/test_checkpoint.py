@@ -139,12 +139,29 @@ def _damage(path: Path, how: str):
     ],
 )
 def test_damage_is_a_clear_error(tmp_path, how, message):
+    """Each check inside the HDF5 file, reached by re-sealing the damaged file (as a foreign
+    or buggy writer would have produced it), so the whole-file digest lets it through."""
     path = tmp_path / "step-1.h5"
     ck.save_checkpoint(path, make_ckpt())
     _damage(path, how)
+    if how not in ("truncated", "not_hdf5", "empty"):
+        ck._seal(path)
     with pytest.raises(CheckpointError, match=message) as info:
         ck.load_checkpoint(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("how", ["flipped", "missing_dataset", "missing_attr", "wrong_version"])
+def test_any_change_after_saving_is_refused_before_hdf5_reads_it(tmp_path, how):
+    path = tmp_path / "step-1.h5"
+    ck.save_checkpoint(path, make_ckpt())
+    _damage(path, how)
+    with pytest.raises(CheckpointError, match="is damaged: its SHA-256 digest does not match"):
+        ck.load_checkpoint(path)
+    with open(path, "r+b") as fh:  # a damaged header
+        fh.write(b"x")
+    with pytest.raises(CheckpointError, match="is damaged: its header is unreadable"):
+        ck.read_checkpoint_step(path)
 
 
 def test_missing_file(tmp_path):
@@ -236,7 +253,7 @@ def test_resume_skips_damaged_newest(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="dpvit.checkpoint"):
         assert ck.find_resume_checkpoint(tmp_path) == tmp_path / "step-1.h5"
     assert any(
-        str(newest) in r.getMessage() and "checksum" in r.getMessage() for r in caplog.records
+        str(newest) in r.getMessage() and "digest" in r.getMessage() for r in caplog.records
     )
     _damage(tmp_path / "step-1.h5", "truncated")
     assert ck.find_resume_checkpoint(tmp_path) is None

@@ -2,7 +2,6 @@
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import mpirun as find_mpirun
 
 from dpvit import dist
 from dpvit.errors import UserError
@@ -107,10 +107,7 @@ def test_run_main_local_errors(caplog, restore_process_state):
 
 
 def _mpirun(n, mode, tmp_path):
-    pytest.importorskip("mpi4py")
-    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
-    if mpirun is None:
-        pytest.skip("mpirun is not installed")
+    mpirun = find_mpirun()
     piddir = tmp_path / "pids"
     piddir.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "DPVIT_DEBUG": "0"}

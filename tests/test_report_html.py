@@ -1,0 +1,89 @@
+"""report.html of a real (tiny) run, rendered by headless Chromium: loads without errors, every
+image decodes, and a screenshot can be taken.
+
+Needs the Debian ``chromium`` package (CI installs it; there a missing browser is a failure,
+elsewhere the test is skipped).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+from helpers import train
+
+#: Injected at the top of a copy of the page: records script errors, console errors and image
+#: load failures, and after the load event writes them and every image's status into the DOM.
+PROBE = """<script>
+window.__probe = {errors: []};
+window.addEventListener("error", function (e) {
+  var t = e.target;
+  window.__probe.errors.push(t && t.tagName ? "failed to load " + t.tagName : String(e.message));
+}, true);
+var origError = console.error;
+console.error = function () {
+  window.__probe.errors.push("console.error: " + Array.from(arguments).join(" "));
+  origError.apply(console, arguments);
+};
+window.addEventListener("load", function () {
+  var images = Array.from(document.images).map(function (img) {
+    return {alt: img.alt, complete: img.complete, naturalWidth: img.naturalWidth};
+  });
+  var pre = document.createElement("pre");
+  pre.id = "probe";
+  pre.textContent = JSON.stringify({images: images, errors: window.__probe.errors});
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing; CI must run: apt-get install -y chromium")
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    return found
+
+
+def _browser(url: str, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    profile = tmp_path / "profile"
+    profile.mkdir(exist_ok=True)
+    cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--no-first-run", f"--user-data-dir={profile}", *args, url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+
+
+def test_report_renders_in_chromium_without_errors(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    train(run, "--max-steps", "8", "--log-every", "2")
+    page = run / "report" / "report.html"
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.read_text().replace("<head>", "<head>" + PROBE, 1))
+
+    result = _browser(probed.as_uri(), tmp_path, "--dump-dom", "--virtual-time-budget=10000",
+                      "--enable-logging=stderr", "--v=0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    match = re.search(r'<pre id="probe">(.*?)</pre>', result.stdout, re.S)
+    assert match, result.stdout[-2000:]
+    status = json.loads(html.unescape(match.group(1)))
+    assert status["errors"] == []
+    # curves, learning rate, confusion matrix, misclassified images, 8 rollout overlays
+    assert len(status["images"]) >= 3 + 8
+    broken = [img for img in status["images"]
+              if not img["complete"] or img["naturalWidth"] <= 0]
+    assert broken == []
+    console = [line for line in result.stderr.splitlines()
+               if "CONSOLE" in line or "Uncaught" in line]
+    assert console == []
+
+    shot = tmp_path / "report.png"
+    result = _browser(page.as_uri(), tmp_path, f"--screenshot={shot}", "--window-size=1200,2400")
+    assert result.returncode == 0 and shot.stat().st_size > 10_000, result.stderr[-2000:]
