@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from dpvit.data import DatasetInfo
+from dpvit.errors import UserError
 from dpvit.report_html import render_html
 
 
@@ -136,11 +137,15 @@ def render_predictions_csv(context: ReportContext) -> str:
 def _write_atomic(path: Path, data: str | bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data)
-    os.replace(tmp, path)
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+        os.replace(tmp, path)
+    except OSError as err:  # a full or read-only disk: one line, not a traceback
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write report file {path}: {err.strerror or err}") from err
 
 
 def write_report(report: dict[str, Any], report_dir: str | os.PathLike,

@@ -203,8 +203,12 @@ class Trainer:
     def log_metrics(self, record: dict[str, Any]) -> None:
         """Append one JSON object to metrics.jsonl (rank 0 only)."""
         if self.comm.is_root:
-            with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            path = self.run_dir / "metrics.jsonl"
+            try:
+                with open(path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            except OSError as err:  # a full or read-only disk: one line, not a traceback
+                raise UserError(f"could not append to {path}: {err.strerror or err}") from err
 
     def save(self, is_best: bool) -> None:
         check_finite({"parameters": self.store.flat_params,

@@ -3,14 +3,18 @@ without matplotlib."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dpvit.config import ViTConfig
 from dpvit.data import DATASETS
+from dpvit.errors import UserError
 from dpvit.report import (
     ReportContext,
     build_report,
@@ -101,6 +105,18 @@ def test_write_report_files_and_predictions_csv(tmp_path):
     assert set(json.loads((tmp_path / "report.json").read_text())) == {
         "dataset", "split", "epoch", "step", "world_size", "num_samples", "loss", "accuracy",
         "macro_f1", "per_class", "confusion_matrix"}
+
+
+def test_a_full_disk_is_one_clear_error_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    context = _context(model=None)
+
+    def disk_full(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(UserError, match=r"could not write report file .*report\.json: No space"):
+        write_report(_report(context), tmp_path, context)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_without_matplotlib_json_and_markdown_are_written_and_the_page_says_why(

@@ -115,3 +115,22 @@ def test_overfits_one_batch():
         opt.step()
     assert loss < 0.05 < first
     assert (model.forward(x).argmax(axis=1) == y).all()
+
+
+@pytest.mark.parametrize("patch_embed", ["linear", "conv"])
+def test_init_follows_the_jax_vit(patch_embed):
+    model = VisionTransformer(ViTConfig(patch_embed=patch_embed), dtype=np.float64, seed=1)
+    p = model.store.named_params()
+    qkv = p["blocks.0.attn.qkv.weight"]  # xavier-uniform: U(+-sqrt(6 / (64 + 192)))
+    bound = np.sqrt(6 / (64 + 192))
+    assert np.abs(qkv).max() <= bound and np.abs(qkv).max() > 0.95 * bound
+    assert qkv.std() == pytest.approx(bound / np.sqrt(3), rel=0.02)
+    assert p["patch_embed.proj.weight"].std() == pytest.approx(1 / 4, rel=0.05)  # fan_in 16
+    pos = p["pos_embed"]  # truncated, not clipped: nothing piles up at the bounds
+    assert np.abs(pos).max() <= 0.04 and np.count_nonzero(np.abs(pos) > 0.0399) < 3
+    assert pos.std() == pytest.approx(0.02 * 0.88, rel=0.05)  # std of N(0,1) cut at 2 is 0.88
+    assert np.abs(p["cls_token"]).max() < 1e-5
+    assert not p["head.bias"].any() and not p["blocks.0.mlp.fc1.bias"].any()
+    assert (p["norm.weight"] == 1).all() and not p["norm.bias"].any()
+    again = VisionTransformer(ViTConfig(patch_embed=patch_embed), dtype=np.float64, seed=1)
+    assert np.array_equal(again.store.flat_params, model.store.flat_params)

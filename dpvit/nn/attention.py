@@ -85,4 +85,11 @@ class Attention(Layer):
         np.matmul(dscores, k, out=dq)
         dq *= self.scale
         np.matmul(dscores.transpose(0, 1, 3, 2), q, out=dk)  # q is already scaled
-        return self.qkv.backward(dqkv.reshape(B, N, 3 * H * hd))
+        dx = self.qkv.backward(dqkv.reshape(B, N, 3 * H * hd))
+        if "bias" in self.qkv.grads:
+            # The key bias adds q_i . b_k to every score of query i, which softmax cancels: its
+            # exact gradient is 0 (each dscores row sums to 0). Computed, it is rounding noise
+            # that depends on the summation order, i.e. on the number of ranks, and AdamW
+            # would scale that noise up to lr-sized steps. Keep the exact value.
+            self.qkv.grads["bias"][H * hd : 2 * H * hd] = 0.0
+        return dx

@@ -1,0 +1,64 @@
+"""Configuration: defaults, shipped TOML presets, precedence of flags, clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from dpvit.config import CONFIG_DIR, Config, TrainConfig, load_config
+from dpvit.errors import ConfigError
+
+
+def test_mnist_preset_is_the_default_recipe():
+    preset, explicit = load_config(["--config", "mnist"])
+    assert preset == load_config([])[0]
+    assert {"lr", "batch_size", "epochs"} <= explicit
+
+
+def test_fashion_preset_changes_only_the_dataset_and_length():
+    fashion, _ = load_config(["--config", "fashion-mnist"])
+    default = Config()
+    changed = {f.name for f in dataclasses.fields(TrainConfig)
+               if getattr(fashion.train, f.name) != getattr(default.train, f.name)}
+    assert changed == {"dataset", "epochs"} and fashion.model == default.model
+
+
+def test_presets_ship_inside_the_package():
+    assert sorted(p.stem for p in CONFIG_DIR.glob("*.toml")) == ["fashion-mnist", "mnist"]
+
+
+def test_flags_override_the_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('lr = 1e-3\nepochs = 2\ndim = 32\n')
+    cfg, explicit = load_config(["--config", str(path), "--lr", "5e-4"])
+    assert (cfg.train.lr, cfg.train.epochs, cfg.model.embed_dim) == (5e-4, 2, 32)
+    assert {"lr", "epochs", "embed_dim"} <= explicit
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr = 'fast'\n", "lr"),
+    ("learning_rate = 1e-3\n", r"unknown key\(s\) learning_rate"),
+    ("lr = \n", "not valid TOML"),
+])
+def test_bad_file_is_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(["--config", str(path)])
+
+
+def test_missing_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match=r"not found \(presets: fashion-mnist, mnist\)"):
+        load_config(["--config", "cifar"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "batch_size must be a positive integer"),
+    (["--label-smoothing", "1"], "label_smoothing"),
+    (["--dim", "30", "--heads", "4"], "divisible by num_heads"),
+    (["--warmup-epochs", "-1"], "must not be negative"),
+])
+def test_impossible_settings(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(argv)
