@@ -26,8 +26,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from dpvit.config import ViTConfig
-from dpvit.dist import Comm, available_cores, run_main
+from dpvit.config import CliParser, ViTConfig
+from dpvit.dist import Comm, available_cores, find_mpirun, run_main
 from dpvit.errors import ConfigError, UserError
 from dpvit.profiling import (
     StepBench,
@@ -43,13 +43,8 @@ logger = logging.getLogger("dpvit.bench")
 DEFAULT_TORCH_REF = Path(__file__).resolve().parents[1].parent / "shared/bench/torch_vit_ref.py"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise ConfigError(f"{message} (see --help)")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m dpvit.bench", description=__doc__.split("\n")[0])
+    p = CliParser(prog="python -m dpvit.bench", description=__doc__.split("\n")[0])
     p.add_argument("--batch-size", type=int, default=128, help="images per rank per step")
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
@@ -126,11 +121,6 @@ def format_measurement(r: dict[str, Any]) -> str:
 # -- comparisons: separate jobs, run one after another ------------------------------------------
 
 
-def _mpirun() -> str:
-    beside = Path(sys.executable).parent / "mpirun"
-    return str(beside) if beside.exists() else "mpirun"
-
-
 def _run(cmd: list[str], env: dict[str, str]) -> str:
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
     if done.returncode != 0:
@@ -146,7 +136,7 @@ def dpvit_job(args: argparse.Namespace, ranks: int | None, threads: int) -> floa
            "--heads", str(args.heads), "--mlp-ratio", str(args.mlp_ratio),
            "--patch-size", str(args.patch_size)]
     if ranks is not None:
-        cmd = [_mpirun(), "-n", str(ranks), *cmd]
+        cmd = [find_mpirun(), "-n", str(ranks), *cmd]
     return json.loads(_run(cmd, {"DPVIT_NUM_THREADS": str(threads)}))["images_per_s"]
 
 

@@ -29,9 +29,10 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import h5py
 import numpy as np
@@ -42,6 +43,7 @@ from dpvit.errors import UserError
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+T = TypeVar("T")
 _STEP_RE = re.compile(r"^step-(\d+)\.h5$")
 _TMP_MARK = ".tmp-"  # temporary files are "<final name>.tmp-<pid>-<hex>" (git-ignored)
 _META_ATTRS = ("format_version", "step", "epoch", "position", "world_size", "config")
@@ -333,13 +335,7 @@ def read_checkpoint_step(path: str | os.PathLike) -> int:
         CheckpointError: If the file cannot be opened or has no step attribute.
     """
     where = Path(path)
-    try:
-        with _open(where) as f:
-            return int(_attr(f, "step", where))
-    except CheckpointError:
-        raise
-    except _READ_ERRORS as exc:
-        raise CheckpointError(f"checkpoint {where} is damaged or malformed ({exc})") from exc
+    return _read(where, lambda f: int(_attr(f, "step", where)))
 
 
 def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
@@ -359,9 +355,15 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
             format version.
     """
     where = Path(path)
+    return _read(where, lambda f: _load(f, where, verify))
+
+
+def _read(where: Path, read: Callable[[h5py.File], T]) -> T:
+    """Open ``where`` and apply ``read``; anything h5py or a decoder raises on a damaged file
+    becomes one CheckpointError naming it."""
     try:
         with _open(where) as f:
-            return _load(f, where, verify)
+            return read(f)
     except CheckpointError:
         raise
     except _READ_ERRORS as exc:

@@ -238,7 +238,7 @@ def _none_or(kind: type):
     return parse
 
 
-class _Parser(argparse.ArgumentParser):
+class CliParser(argparse.ArgumentParser):
     """argparse that raises ConfigError (one clear line) instead of printing usage and exiting."""
 
     def error(self, message: str):
@@ -247,7 +247,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """A parser with ``--config`` and one flag per config field, defaults left unset."""
-    parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    parser = CliParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="TOML file, or a preset name (e.g. mnist)")
     for title, cls in (("model", ViTConfig), ("training", TrainConfig)):
         group = parser.add_argument_group(title)

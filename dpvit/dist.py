@@ -29,6 +29,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import numpy as np
@@ -311,6 +312,13 @@ def init_comm(force_local: bool = False) -> Comm:
         logger.debug("mpi4py is not installed; running as a world of one")
         return LocalComm()
     return MPIComm()
+
+
+def find_mpirun() -> str:
+    """The mpirun of this Python environment (the mpich wheel puts it beside python), else
+    whatever ``mpirun`` the PATH gives."""
+    beside = Path(sys.executable).parent / "mpirun"
+    return str(beside) if beside.exists() else "mpirun"
 
 
 def available_cores() -> int:

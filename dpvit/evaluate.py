@@ -25,8 +25,7 @@ from typing import Any
 import numpy as np
 
 from dpvit.checkpoint import load_checkpoint
-from dpvit.config import Config
-from dpvit.config import _Parser as CliParser
+from dpvit.config import CliParser, Config
 from dpvit.data import DATASETS, DatasetInfo, eval_shard, load_split, normalize, prepare_dataset
 from dpvit.dist import Comm, run_main
 from dpvit.errors import ConfigError, UserError
@@ -88,10 +87,10 @@ def evaluate_model(model: VisionTransformer, images: np.ndarray, labels: np.ndar
         loss_sum += plain_ce(logits, labels[idx], denominator=1)[0]
         pred = logits.argmax(axis=1)
         cm += confusion_matrix(labels[idx], pred, k)
+        # softmax of the top class: exp(0) over the row sum of exp(logits - row max)
         shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-        probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
         preds.append(pred.astype(np.int64))
-        confs.append(probs[np.arange(len(idx)), pred])
+        confs.append(1.0 / np.exp(shifted).sum(axis=1))
     cm = comm.allreduce_sum(cm)
     loss_sum = float(comm.allreduce_sum(np.array([loss_sum]))[0])
     # shards are contiguous and in rank order, so concatenating restores the split order

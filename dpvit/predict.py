@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from dpvit.config import _Parser as CliParser
+from dpvit.config import CliParser
 from dpvit.data import DATASETS, normalize
 from dpvit.dist import Comm, run_main
 from dpvit.errors import ConfigError, InputError

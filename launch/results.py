@@ -22,13 +22,14 @@ import sys
 import time
 from pathlib import Path
 
+from dpvit.dist import find_mpirun
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def train(ranks: int, seed: int, extra: list[str], run_dir: Path) -> float:
     """Run one training job; returns its wall time in seconds."""
-    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or "mpirun"
-    cmd = [mpirun, "-n", str(ranks), sys.executable, "-m", "dpvit.train", "--no-progress",
+    cmd = [find_mpirun(), "-n", str(ranks), sys.executable, "-m", "dpvit.train", "--no-progress",
            "--seed", str(seed), "--run-dir", str(run_dir), *extra]
     print("$", " ".join(cmd[1:]).replace(sys.executable, "python"), file=sys.stderr)
     start = time.monotonic()

@@ -21,6 +21,13 @@ TINY_ARGS = [
 ]
 
 
+def missing(what: str, install: str) -> None:
+    """A tool or dataset a test needs is absent: fail under CI (which installs it), else skip."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is missing; CI must install it: {install}")
+    pytest.skip(f"{what} is not installed ({install})")
+
+
 def real_data_dir() -> Path:
     """The real MNIST files: $DPVIT_DATA_DIR, else ../shared/datasets/mnist beside the repo."""
     path = Path(os.environ.get("DPVIT_DATA_DIR") or REPO.parent / "shared" / "datasets" / "mnist")

@@ -8,14 +8,13 @@ temporary cache.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import real_data_dir
+from helpers import missing, real_data_dir
 
 from dpvit.data import DATASETS, load_split, prepare_dataset
 from dpvit.data import store as store_mod
@@ -57,9 +56,7 @@ def test_real_mnist(read_only_sources):
 
 def test_fashion_mnist_from_debian_package(read_only_sources, tmp_path):
     if not FASHION_DIR.is_dir():
-        if os.environ.get("CI"):
-            pytest.fail("Fashion-MNIST is missing; CI must apt-get install dataset-fashion-mnist")
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+        missing("Fashion-MNIST", "apt-get install dataset-fashion-mnist")
     # An empty data dir: the files are found in the system directory instead.
     path = prepare_dataset("fashion-mnist", str(tmp_path / "fashion-mnist"), download=False)
     _, train_y = load_split(path, "train")

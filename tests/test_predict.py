@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 
 import numpy as np
 import pytest
-from helpers import real_data_dir, run_dpvit, train
+from helpers import missing, real_data_dir, run_dpvit, train
 
 from dpvit.data import load_split, prepare_dataset
 from dpvit.errors import InputError
@@ -28,9 +27,7 @@ def need_pillow():
     try:
         from PIL import Image
     except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail('Pillow is missing; CI must install dpvit with ".[predict]"')
-        pytest.skip("Pillow (the predict extra) is not installed")
+        missing("Pillow (the predict extra)", 'pip install -e ".[predict]"')
     return Image
 
 

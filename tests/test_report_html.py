@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
 import shutil
 import subprocess
 
 import pytest
-from helpers import train
+from helpers import missing, train
 
 #: Injected at the top of a copy of the page: records script errors, console errors and image
 #: load failures, and after the load event writes them and every image's status into the DOM.
@@ -45,9 +44,7 @@ window.addEventListener("load", function () {
 def chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing; CI must run: apt-get install -y chromium")
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+        missing("chromium", "apt-get install -y chromium")
     return found
 
 
