@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from dpvit.data.augment import Augmentation
 from dpvit.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -82,7 +83,7 @@ class TrainConfig:
     dataset: str = _opt("mnist", "dataset", choices=("mnist", "fashion-mnist"))
     data_dir: str | None = _opt(None, "dataset directory (default: $DPVIT_DATA_DIR, "
                                       "else data/<dataset>)")
-    epochs: int = _opt(7, "training epochs")
+    epochs: int = _opt(8, "training epochs")
     max_steps: int | None = _opt(None, "stop after this many optimizer steps in all")
     batch_size: int = _opt(64, "global batch size, across all ranks")
     optimizer: str = _opt("adamw", "optimizer", choices=("adamw", "sgd"))
@@ -99,6 +100,11 @@ class TrainConfig:
                                  "or gradient norm (each is skipped, not applied)")
     label_smoothing: float = _opt(0.1, "cross-entropy label smoothing")
     augment: bool = _opt(True, "random shift/rotation/scale of training images")
+    aug_shift: float = _opt(2.0, "largest random shift in pixels")
+    aug_rotate: float = _opt(10.0, "largest random rotation in degrees")
+    aug_zoom: float = _opt(0.1, "random scale drawn from [1 - zoom, 1 + zoom]")
+    aug_hflip: bool = _opt(False, "mirror half of the training images left-right")
+    no_aug_epochs: int = _opt(1, "train the last N epochs on unaugmented images")
     seed: int = _opt(0, "seed for initialisation, shuffling, augmentation and dropout")
     run_dir: str | None = _opt(None, "output directory (default runs/<dataset>-<timestamp>)")
     resume: str | None = _opt(None, "'auto' (newest valid checkpoint in run_dir) or a path")
@@ -127,6 +133,23 @@ class TrainConfig:
             raise ConfigError("warmup_epochs, checkpoint_every and grad_clip must not be negative")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.no_aug_epochs < 0:
+            raise ConfigError(f"no_aug_epochs must not be negative, got {self.no_aug_epochs}")
+        if min(self.aug_shift, self.aug_rotate) < 0 or not 0.0 <= self.aug_zoom < 1.0:
+            raise ConfigError("aug_shift and aug_rotate must not be negative and aug_zoom must "
+                              f"be in [0, 1), got {self.aug_shift}, {self.aug_rotate}, "
+                              f"{self.aug_zoom}")
+
+    def augmentation(self, epoch: int) -> Augmentation | None:
+        """The training-image perturbation in ``epoch`` (0-based), or None for clean images.
+
+        The last ``no_aug_epochs`` epochs see the images as the test set shows them, so the
+        final low-learning-rate steps fit that distribution (YOLOX's "no-aug epochs").
+        """
+        if not self.augment or epoch >= self.epochs - self.no_aug_epochs:
+            return None
+        return Augmentation(shift=self.aug_shift, rotate_deg=self.aug_rotate,
+                            zoom=self.aug_zoom, hflip=self.aug_hflip)
 
 
 @dataclass
@@ -270,24 +293,33 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def load_config(argv: list[str] | None, prog: str = "dpvit.train") -> tuple[Config, set[str]]:
-    """Defaults, then the TOML file, then flags. Returns the config and the keys set explicitly.
+    """Defaults, the dataset's preset, the TOML file, then flags (each layer wins over the last).
+
+    The preset of the chosen dataset (``dpvit/configs/<dataset>.toml``) is the recipe tuned for
+    it, so ``--dataset fashion-mnist`` alone trains with the Fashion-MNIST recipe.
+
+    Returns:
+        The config and the keys set explicitly (by the file or a flag, not by a preset).
 
     Raises:
         ConfigError: an unknown flag or key, a value of the wrong type, or an impossible shape.
     """
     parser = build_parser(prog, "Train a numpy Vision Transformer, data-parallel over MPI.")
     args = vars(parser.parse_args(argv))
-    values: dict[str, Any] = {}
     keys = _key_map()
+    given: dict[str, Any] = {}
     if "config" in args:
         for key, value in read_toml(args.pop("config")).items():
-            values[keys[key][1]] = (keys[key][0], value)
-    for name, value in args.items():
-        values[name] = (keys[name][0], value)
-    sections = {"model": {}, "train": {}}
-    for name, (section, value) in values.items():
-        sections[section][name] = value
+            given[keys[key][1]] = value
+    given.update(args)
+    dataset = given.get("dataset", TrainConfig().dataset)
+    preset = CONFIG_DIR / f"{dataset}.toml"
+    values = {keys[k][1]: v for k, v in read_toml(str(preset)).items()} if preset.exists() else {}
+    values.update(given)
+    sections: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    for name, value in values.items():
+        sections[keys[name][0]][name] = value
     cfg = Config.from_dict(sections)
     cfg.model.validate()
     cfg.train.validate()
-    return cfg, set(values)
+    return cfg, set(given)

@@ -56,6 +56,10 @@ LAUNCHER_ENV_VARS = (
 #: once, Hydra sometimes tears the job down before forwarding the error lines (seen 2 in 30).
 ABORT_GRACE_S = 0.2
 
+#: How long `sleeping_barrier` sleeps between polls: short next to the seconds it waits for,
+#: long enough that the sleeping ranks cost their cores nothing.
+SLEEPING_POLL_S = 1e-3
+
 #: Environment variables that tell child processes and BLAS libraries how many threads to use.
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -86,6 +90,14 @@ class Comm:
 
     def barrier(self) -> None:
         """Block until every rank has called `barrier`."""
+        raise NotImplementedError
+
+    def sleeping_barrier(self) -> None:
+        """A barrier in which waiting ranks sleep instead of busy-polling.
+
+        For the seconds rank 0 alone spends writing reports and checkpoints: with more ranks
+        than cores, spinning ranks would take half of rank 0's core.
+        """
         raise NotImplementedError
 
     def broadcast_(self, buf: np.ndarray, root: int = 0) -> None:
@@ -171,6 +183,9 @@ class LocalComm(Comm):
     def barrier(self) -> None:
         """No other rank to wait for."""
 
+    def sleeping_barrier(self) -> None:
+        """No other rank to wait for."""
+
     def broadcast_(self, buf: np.ndarray, root: int = 0) -> None:
         """Nothing to receive; only checks `root`."""
         _check_root(root, 1)
@@ -222,6 +237,12 @@ class MPIComm(Comm):
     def barrier(self) -> None:
         """Block until every rank has called `barrier`."""
         self._comm.Barrier()
+
+    def sleeping_barrier(self) -> None:
+        """`Ibarrier`, tested every millisecond with a sleep in between."""
+        request = self._comm.Ibarrier()
+        while not request.Test():
+            time.sleep(SLEEPING_POLL_S)
 
     def broadcast_(self, buf: np.ndarray, root: int = 0) -> None:
         """Overwrite `buf` in place with `root`'s contents (one `Bcast`, no copy)."""

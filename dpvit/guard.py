@@ -5,7 +5,8 @@ Every check here ends the job on all ranks at the same point, because a rank tha
 own leaves the others waiting in the next collective:
 
 - `StopSignals`: SIGTERM (schedulers preempting) and SIGINT (Ctrl-C, forwarded to every rank by
-  mpirun) only set a flag; the trainer agrees on it across ranks once per step, rank 0 writes a
+  mpirun) only set a flag; the trainer agrees on it across ranks once per step (votes summed
+  in the gradient allreduce), rank 0 writes a
   checkpoint and every rank exits with 128 + the signal number. A second signal stops at once.
 - `RunDirLock`: rank 0 creates the run directory, takes an exclusive `flock` on
   `<run-dir>/.lock` for the job's life and writes and fsyncs a 1 MiB probe file, so a second job
@@ -72,9 +73,19 @@ class StopSignals:
         self.signum = signum
 
 
-def agreed_stop(comm: Comm, stop: StopSignals | None) -> int:
-    """The signal any rank has received (0: none), identical on every rank (one allreduce)."""
-    return comm.allreduce_max(stop.signum if stop is not None else 0)
+def stop_votes(stop: StopSignals | None) -> list[float]:
+    """This rank's vote per signal of STOP_SIGNALS (1.0 for the one received), to be summed."""
+    signum = stop.signum if stop is not None else 0
+    return [float(signum == sig) for sig in STOP_SIGNALS]
+
+
+def agreed_signal(votes: np.ndarray) -> int:
+    """The signal any rank received (0: none) from the summed votes; the same on every rank.
+
+    When ranks received different signals the numerically largest wins (SIGTERM over SIGINT).
+    """
+    received = [int(sig) for sig, count in zip(STOP_SIGNALS, votes, strict=True) if count > 0]
+    return max(received, default=0)
 
 
 def preempted(signum: int, step: int, path: Path) -> AgreedError:

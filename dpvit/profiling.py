@@ -99,7 +99,7 @@ class StepBench:
         _, dlogits = self.loss_fn(logits, self.y, denominator=self.batch * self.comm.size)
         self.model.backward(dlogits)
         start = time.perf_counter()
-        self.comm.allreduce_sum_(store.flat_grads)
+        self.comm.allreduce_sum_(store.reduce_buffer)  # as training: gradients + step numbers
         self.allreduce_seconds += time.perf_counter() - start
         clip_grad_norm_(store.flat_grads, 1.0)
         self.optimizer.step()

@@ -30,7 +30,14 @@ from dpvit.debug import gradient_spot_check, watch_non_finite
 from dpvit.dist import Comm
 from dpvit.errors import UserError
 from dpvit.evaluate import Evaluation, evaluate_model, read_metrics
-from dpvit.guard import NonFiniteSteps, StopSignals, agreed_stop, check_finite, preempted
+from dpvit.guard import (
+    NonFiniteSteps,
+    StopSignals,
+    agreed_signal,
+    check_finite,
+    preempted,
+    stop_votes,
+)
 from dpvit.nn.losses import CrossEntropyLoss
 from dpvit.optim import build_optimizer, clip_grad_norm_, lr_at
 from dpvit.progress import ProgressBar, progress_wanted
@@ -47,7 +54,8 @@ class Trainer:
         cfg: the resolved configuration (identical on every rank).
         comm: the job's communicator.
         run_dir: where rank 0 writes metrics, reports and checkpoints.
-        stop: the job's SIGTERM/SIGINT flag; checked (agreed across ranks) after every step.
+        stop: the job's SIGTERM/SIGINT flag; agreed across ranks at every step (its votes
+            travel in the gradient allreduce).
     """
 
     def __init__(self, cfg: Config, comm: Comm, run_dir: Path,
@@ -82,6 +90,7 @@ class Trainer:
         if t.max_steps is not None:
             self.total_steps = min(self.total_steps, t.max_steps)
         self.step = self.epoch = self.position = 0
+        self.stop_signal = 0  # the signal the ranks agreed on in the last step (0: none)
         self.best_accuracy = -1.0
         self.history: list[dict[str, Any]] = []
         self.bad_steps = NonFiniteSteps(t.max_bad_steps, self.log_metrics)
@@ -166,8 +175,11 @@ class Trainer:
             loss, dlogits = self.loss_fn(logits, y, denominator=t.batch_size)
             correct = float(np.count_nonzero(logits.argmax(axis=1) == y))
             self.model.backward(dlogits)
-        self.comm.allreduce_sum_(self.store.flat_grads)
-        loss, correct = self.comm.allreduce_sum(np.array([loss, correct]))
+        # one Allreduce per step: the gradients, then loss, correct count and stop votes
+        self.store.step_extras[:] = [loss, correct, *stop_votes(self.stop)]
+        self.comm.allreduce_sum_(self.store.reduce_buffer)
+        loss, correct = float(self.store.step_extras[0]), float(self.store.step_extras[1])
+        self.stop_signal = agreed_signal(self.store.step_extras[2:])
         grad_norm = clip_grad_norm_(self.store.flat_grads, t.grad_clip)
         lr = lr_at(self.step, t.lr, self.warmup_steps, self.schedule_steps, t.min_lr)
         # a skipped step uses up its batch; the model and optimizer state stay as they were
@@ -239,6 +251,7 @@ class Trainer:
                     self.epoch, self.step, report["loss"], 100 * report["accuracy"],
                     report["macro_f1"])
         self.save(is_best)
+        self.comm.sleeping_barrier()  # rank 0 alone wrote the report and the checkpoint
         return report
 
     def fit(self) -> dict[str, Any] | None:
@@ -256,8 +269,8 @@ class Trainer:
                                     self.comm.rank, self.comm.size)
             batches = batches[self.position : self.position + self.total_steps - self.step]
             loader = BatchIterator(self.train_x, self.train_y, batches, self.info.mean,
-                                   self.info.std, train=True, augment=t.augment, seed=t.seed,
-                                   epoch=self.epoch)
+                                   self.info.std, augment=t.augmentation(self.epoch),
+                                   seed=t.seed, epoch=self.epoch)
             for indices, (x, y) in zip(batches, loader, strict=True):
                 if t.debug and self.step == 0:
                     self.check_gradients(indices, x, y)
@@ -278,7 +291,7 @@ class Trainer:
                     images_done, window_start = 0, time.perf_counter()
                     self.comm.check_identical(self.store.flat_params,
                                               f"parameters after step {self.step}")
-                if signum := agreed_stop(self.comm, self.stop):
+                if signum := self.stop_signal:
                     self.save(is_best=False)
                     self.comm.barrier()  # every rank waits until the checkpoint is on disk
                     raise preempted(signum, self.step,

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from dpvit.config import CONFIG_DIR, Config, TrainConfig, load_config
+from dpvit.data import Augmentation
 from dpvit.errors import ConfigError
 
 
@@ -16,12 +17,34 @@ def test_mnist_preset_is_the_default_recipe():
     assert {"lr", "batch_size", "epochs"} <= explicit
 
 
-def test_fashion_preset_changes_only_the_dataset_and_length():
+def test_fashion_preset_changes_only_the_dataset_length_and_augmentation():
     fashion, _ = load_config(["--config", "fashion-mnist"])
     default = Config()
     changed = {f.name for f in dataclasses.fields(TrainConfig)
                if getattr(fashion.train, f.name) != getattr(default.train, f.name)}
-    assert changed == {"dataset", "epochs"} and fashion.model == default.model
+    assert changed == {"dataset", "epochs", "aug_hflip", "aug_rotate", "aug_zoom"}
+    assert fashion.model == default.model
+
+
+def test_choosing_a_dataset_applies_its_preset_under_file_and_flags(tmp_path):
+    fashion, explicit = load_config(["--dataset", "fashion-mnist", "--epochs", "3"])
+    assert fashion == load_config(["--config", "fashion-mnist", "--epochs", "3"])[0]
+    assert explicit == {"dataset", "epochs"}  # preset values never override a checkpoint's
+    path = tmp_path / "mine.toml"
+    path.write_text('dataset = "fashion-mnist"\naug_hflip = false\n')
+    mine, explicit = load_config(["--config", str(path)])
+    preset = load_config(["--dataset", "fashion-mnist"])[0]
+    assert mine.train.epochs == preset.train.epochs and preset.train.aug_hflip
+    assert not mine.train.aug_hflip
+    assert explicit == {"dataset", "aug_hflip"}
+
+
+def test_augmentation_flags_reach_the_loader():
+    cfg, _ = load_config(["--aug-shift", "3", "--aug-rotate", "0", "--aug-hflip", "true",
+                          "--epochs", "5", "--no-aug-epochs", "2"])
+    assert cfg.train.augmentation(2) == Augmentation(shift=3, rotate_deg=0, zoom=0.1, hflip=True)
+    assert cfg.train.augmentation(3) is None and cfg.train.augmentation(4) is None
+    assert load_config(["--augment", "false"])[0].train.augmentation(0) is None
 
 
 def test_presets_ship_inside_the_package():
@@ -58,6 +81,9 @@ def test_missing_preset_lists_the_presets():
     (["--label-smoothing", "1"], "label_smoothing"),
     (["--dim", "30", "--heads", "4"], "divisible by num_heads"),
     (["--warmup-epochs", "-1"], "must not be negative"),
+    (["--aug-zoom", "1"], "aug_zoom must be in"),
+    (["--aug-rotate", "-5"], "aug_rotate must not be negative"),
+    (["--no-aug-epochs", "-1"], "no_aug_epochs must not be negative"),
 ])
 def test_impossible_settings(argv, message):
     with pytest.raises(ConfigError, match=message):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dpvit.data import BatchIterator, augment, normalize, train_batches
-from dpvit.data.augment import warp_affine
+from dpvit.data import Augmentation, BatchIterator, augment, normalize, train_batches
+from dpvit.data.augment import sample_params, warp_affine
 
 N = 64
 
@@ -49,16 +49,36 @@ def test_augmentation_changes_with_epoch_and_seed(images):
 
 def test_warp_identity_shift_and_rotation(images):
     x = images[:4]
-    params = np.tile([0.0, 1.0, 0.0, 0.0], (4, 1))
+    params = np.tile([0.0, 1.0, 0.0, 0.0, 1.0], (4, 1))
     np.testing.assert_array_equal(warp_affine(x, params), x)
-    params[:, 2:] = [1.0, -2.0]  # one pixel right, two up; uncovered pixels are zero
+    params[:, 2:4] = [1.0, -2.0]  # one pixel right, two up; uncovered pixels are zero
     out = warp_affine(x, params)
     np.testing.assert_array_equal(out[:, :-2, 1:], x[:, 2:, :-1])
     assert out[:, :, 0].max() == 0 and out[:, -2:].max() == 0
-    params[:, :] = [np.pi / 2, 1.0, 0.0, 0.0]  # exact quarter turn: grid maps onto grid
+    params[:, :] = [np.pi / 2, 1.0, 0.0, 0.0, 1.0]  # exact quarter turn: grid maps onto grid
     np.testing.assert_allclose(warp_affine(x, params), np.rot90(x, -1, axes=(1, 2)), atol=1e-2)
-    params[:, :] = [0.0, 1.0, 40.0, 0.0]  # shifted entirely out of the frame
+    params[:, :] = [0.0, 1.0, 40.0, 0.0, 1.0]  # shifted entirely out of the frame
     assert warp_affine(x, params).max() == 0
+
+
+def test_warp_mirror(images):
+    x = images[:4]
+    params = np.tile([0.0, 1.0, 0.0, 0.0, -1.0], (4, 1))
+    np.testing.assert_array_equal(warp_affine(x, params), x[:, :, ::-1])
+
+
+def test_strengths_scale_the_draws_and_flips_leave_the_rest_alone():
+    idx = np.arange(2000)
+    digits = sample_params(idx, 0, 0, Augmentation())
+    assert np.abs(digits[:, 0]).max() <= np.deg2rad(10) and np.abs(digits[:, 2:4]).max() <= 2
+    assert digits[:, 1].min() >= 0.9 and digits[:, 1].max() <= 1.1
+    np.testing.assert_array_equal(digits[:, 4], 1.0)
+    mirrored = sample_params(idx, 0, 0, Augmentation(hflip=True))
+    np.testing.assert_array_equal(mirrored[:, :4], digits[:, :4])
+    assert 0.45 < np.mean(mirrored[:, 4] == -1) < 0.55
+    clothes = sample_params(idx, 0, 0, Augmentation(shift=3, rotate_deg=0, zoom=0))
+    np.testing.assert_array_equal(clothes[:, :2], np.tile([0.0, 1.0], (2000, 1)))
+    assert 2.9 < np.abs(clothes[:, 2:4]).max() <= 3
 
 
 def test_augment_rejects_mismatched_indices(images):
@@ -76,7 +96,7 @@ def test_normalize(images):
 def test_batch_iterator(images, prefetch):
     labels = np.arange(N) % 10
     batches = [*train_batches(N, 10, 0, 2, 1, 3), np.array([], dtype=np.int64)]
-    it = BatchIterator(images, labels, batches, 0.1, 0.3, train=True, seed=0, epoch=2,
+    it = BatchIterator(images, labels, batches, 0.1, 0.3, augment=Augmentation(), seed=0, epoch=2,
                        prefetch=prefetch)
     got = list(it)
     assert len(got) == len(it) == len(batches)
@@ -85,6 +105,6 @@ def test_batch_iterator(images, prefetch):
         assert y.dtype == np.int64
         np.testing.assert_array_equal(y, labels[idx])
         np.testing.assert_array_equal(x, normalize(augment(images[idx], idx, 0, 2), 0.1, 0.3))
-    plain = BatchIterator(images, labels, batches[:1], 0.1, 0.3, train=False, prefetch=prefetch)
+    plain = BatchIterator(images, labels, batches[:1], 0.1, 0.3, prefetch=prefetch)
     x, _ = next(iter(plain))
     np.testing.assert_array_equal(x, normalize(images[batches[0]], 0.1, 0.3))

@@ -127,6 +127,24 @@ def test_second_signal_stops_at_once():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_stop_votes_summed_over_ranks_agree_on_one_signal():
+    """Each rank votes for the signal it received; the summed votes name the same signal on
+    every rank, SIGTERM winning over SIGINT as the larger number."""
+    from dpvit.guard import StopSignals, agreed_signal, stop_votes
+
+    def votes(*signals):
+        ranks = []
+        for signum in signals:
+            stop = StopSignals()
+            stop.signum = signum
+            ranks.append(stop_votes(stop))
+        return np.sum(ranks, axis=0)
+
+    assert agreed_signal(votes(0, 0, 0)) == 0 and agreed_signal(stop_votes(None)) == 0
+    assert agreed_signal(votes(0, signal.SIGINT, 0)) == signal.SIGINT
+    assert agreed_signal(votes(signal.SIGINT, signal.SIGTERM, signal.SIGINT)) == signal.SIGTERM
+
+
 # -- 2. a killed rank ------------------------------------------------------------------------
 
 def _running(pid: int) -> bool:

@@ -5,11 +5,11 @@ Typical use on every rank::
     path = prepare_dataset("mnist", data_dir, comm)      # rank 0 builds, others wait
     images, labels = load_split(path, "train")
     steps = train_batches(len(labels), global_batch, seed, epoch, comm.rank, comm.size)
-    for x, y in BatchIterator(images, labels, steps, info.mean, info.std, train=True, ...):
+    for x, y in BatchIterator(images, labels, steps, info.mean, info.std, augment=Augmentation()):
         ...
 """
 
-from dpvit.data.augment import augment, normalize
+from dpvit.data.augment import Augmentation, augment, normalize
 from dpvit.data.idx import DATASETS, DataError, DatasetInfo
 from dpvit.data.loader import BatchIterator
 from dpvit.data.sampler import eval_shard, train_batches
@@ -17,6 +17,7 @@ from dpvit.data.store import load_split, prepare_dataset, resolve_data_dir
 
 __all__ = [
     "DATASETS",
+    "Augmentation",
     "BatchIterator",
     "DataError",
     "DatasetInfo",

@@ -1,4 +1,4 @@
-"""Training augmentation (random translation + small affine) and normalisation, in numpy.
+"""Training augmentation (random translation, small affine, mirror) and normalisation, in numpy.
 
 Each sample's transform is drawn from ``np.random.default_rng([seed, epoch, index])``, keyed
 by the sample's index in the dataset and never by rank or position in the batch, so sample
@@ -8,26 +8,40 @@ one vectorised bilinear resampling of an inverse affine map over the whole batch
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
-def sample_params(
-    sample_indices: np.ndarray,
-    seed: int,
-    epoch: int,
-    max_shift: float,
-    max_rotate_deg: float,
-    scale: tuple[float, float],
-) -> np.ndarray:
-    """Per-sample (angle_rad, scale, shift_x, shift_y), shape (B, 4), float64.
+@dataclass(frozen=True)
+class Augmentation:
+    """How strongly to perturb training images (the ``--aug-*`` flags).
 
-    Uniform draws: angle in ±max_rotate_deg, scale in ``scale``, shifts in ±max_shift pixels.
+    The defaults suit digits: small shifts, rotations and zooms keep a digit's identity. For
+    clothing (Fashion-MNIST) a mirror image is the same garment while a rotated one is not a
+    photo the test set contains, so its preset flips and shifts instead.
     """
-    lo = np.array([-np.deg2rad(max_rotate_deg), scale[0], -max_shift, -max_shift])
-    hi = np.array([np.deg2rad(max_rotate_deg), scale[1], max_shift, max_shift])
-    u = np.array([np.random.default_rng([seed, epoch, int(i)]).random(4)
-                  for i in np.asarray(sample_indices).reshape(-1)]).reshape(-1, 4)
-    return lo + u * (hi - lo)
+
+    shift: float = 2.0  # largest translation in pixels (continuous, bilinear)
+    rotate_deg: float = 10.0  # largest rotation either way
+    zoom: float = 0.1  # scale drawn from [1 - zoom, 1 + zoom]
+    hflip: bool = False  # mirror left-right with probability 1/2
+
+
+def sample_params(sample_indices: np.ndarray, seed: int, epoch: int,
+                  aug: Augmentation) -> np.ndarray:
+    """Per-sample (angle_rad, scale, shift_x, shift_y, flip), shape (B, 5), float64.
+
+    Uniform draws: angle in ±rotate_deg, scale in 1 ± zoom, shifts in ±shift pixels; flip is
+    -1 (mirror) or 1. The first four draws of each sample do not depend on ``hflip``, so
+    turning flips on leaves every other parameter as it was.
+    """
+    lo = np.array([-np.deg2rad(aug.rotate_deg), 1 - aug.zoom, -aug.shift, -aug.shift])
+    hi = np.array([np.deg2rad(aug.rotate_deg), 1 + aug.zoom, aug.shift, aug.shift])
+    u = np.array([np.random.default_rng([seed, epoch, int(i)]).random(5)
+                  for i in np.asarray(sample_indices).reshape(-1)]).reshape(-1, 5)
+    flip = np.where(aug.hflip & (u[:, 4:] < 0.5), -1.0, 1.0)
+    return np.concatenate([lo + u[:, :4] * (hi - lo), flip], axis=1)
 
 
 def warp_affine(images: np.ndarray, params: np.ndarray) -> np.ndarray:
@@ -35,17 +49,18 @@ def warp_affine(images: np.ndarray, params: np.ndarray) -> np.ndarray:
 
     Args:
         images: (B, H, W) pixel values (uint8 or float).
-        params: (B, 4) rows of (angle_rad, scale, shift_x, shift_y).
+        params: (B, 5) rows of (angle_rad, scale, shift_x, shift_y, flip); flip -1 mirrors
+            the result left-right, 1 leaves it.
 
     Returns:
         float32 (B, H, W); pixels sampled from outside the image are 0.
     """
     b, h, w = images.shape
     p = params.astype(np.float32)
-    angle, s, tx, ty = (p[:, k, None] for k in range(4))
+    angle, s, tx, ty, flip = (p[:, k, None] for k in range(5))
     cy, cx = np.float32((h - 1) / 2), np.float32((w - 1) / 2)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    dx = xx.reshape(1, -1) - cx - tx  # output pixel relative to the shifted centre
+    dx = flip * (xx.reshape(1, -1) - cx) - tx  # output pixel relative to the shifted centre
     dy = yy.reshape(1, -1) - cy - ty
     cos, sin = np.cos(angle) / s, np.sin(angle) / s  # inverse of s * R(angle)
     # Clipping to [-1, size] keeps every tap inside a one-pixel zero border while leaving
@@ -71,20 +86,16 @@ def augment(
     sample_indices: np.ndarray,
     seed: int,
     epoch: int,
-    max_shift: float = 2,
-    max_rotate_deg: float = 10.0,
-    scale: tuple[float, float] = (0.9, 1.1),
+    aug: Augmentation = Augmentation(),
 ) -> np.ndarray:
-    """Randomly translate, rotate and scale each image.
+    """Randomly translate, rotate, scale and (optionally) mirror each image.
 
     Args:
         images_uint8: (B, H, W) uint8 images.
         sample_indices: (B,) dataset indices of the images (the randomness key).
         seed: run seed.
         epoch: epoch number.
-        max_shift: largest translation in pixels (continuous, bilinear).
-        max_rotate_deg: largest rotation in degrees.
-        scale: (min, max) zoom factor.
+        aug: the strengths.
 
     Returns:
         float32 (B, H, W) in pixel units 0..255 (not rounded, so no precision is lost
@@ -93,8 +104,7 @@ def augment(
     if len(images_uint8) != len(sample_indices):
         raise ValueError(f"expected one sample index per image, got {len(sample_indices)} "
                          f"indices for {len(images_uint8)} images")
-    params = sample_params(sample_indices, seed, epoch, max_shift, max_rotate_deg, scale)
-    return warp_affine(images_uint8, params)
+    return warp_affine(images_uint8, sample_params(sample_indices, seed, epoch, aug))
 
 
 def normalize(images: np.ndarray, mean: float, std: float) -> np.ndarray:

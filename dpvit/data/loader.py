@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from dpvit.data.augment import Augmentation, normalize
 from dpvit.data.augment import augment as augment_batch
-from dpvit.data.augment import normalize
 
 
 class BatchIterator:
@@ -27,8 +27,7 @@ class BatchIterator:
         batches: one array of dataset indices per step (e.g. from ``train_batches``).
         mean: dataset mean of pixels in [0, 1].
         std: dataset standard deviation of pixels in [0, 1].
-        train: training mode; turns augmentation on unless ``augment`` says otherwise.
-        augment: override for augmentation (default: same as ``train``).
+        augment: the random perturbation of training images; None (evaluation) for none.
         seed: run seed (augmentation key).
         epoch: epoch number (augmentation key).
         prefetch: prepare the next batch in a background thread.
@@ -44,8 +43,7 @@ class BatchIterator:
         mean: float,
         std: float,
         *,
-        train: bool,
-        augment: bool | None = None,
+        augment: Augmentation | None = None,
         seed: int = 0,
         epoch: int = 0,
         prefetch: bool = True,
@@ -55,7 +53,7 @@ class BatchIterator:
         self.batches = batches
         self.mean = mean
         self.std = std
-        self.augment = train if augment is None else augment
+        self.augment = augment
         self.seed = seed
         self.epoch = epoch
         self.prefetch = prefetch
@@ -67,8 +65,8 @@ class BatchIterator:
         """Build one (x, y) pair for the given dataset indices."""
         indices = np.asarray(indices, dtype=np.int64)
         pixels = self.images[indices]
-        if self.augment:
-            pixels = augment_batch(pixels, indices, self.seed, self.epoch)
+        if self.augment is not None:
+            pixels = augment_batch(pixels, indices, self.seed, self.epoch, self.augment)
         return normalize(pixels, self.mean, self.std), self.labels[indices].astype(np.int64)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:

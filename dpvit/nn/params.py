@@ -59,6 +59,11 @@ class Module:
             yield from child.named_modules(f"{prefix}{name}.")
 
 
+#: Slots after the gradients in ``ParamStore.reduce_buffer`` (the trainer uses 4: loss, correct
+#: count and one vote per stop signal).
+STEP_EXTRAS = 4
+
+
 class ParamStore:
     """Allocates the flat float buffers of a module tree and binds every parameter as a view.
 
@@ -86,7 +91,11 @@ class ParamStore:
             raise ValueError("duplicate parameter names in model")
         self.numel = offset
         self.flat_params = np.zeros(offset, dtype=self.dtype)
-        self.flat_grads = np.zeros(offset, dtype=self.dtype)
+        # The gradients are the head of a longer buffer whose tail (``step_extras``) carries
+        # per-step numbers summed across ranks with them, so one Allreduce per step does all.
+        self.reduce_buffer = np.zeros(offset + STEP_EXTRAS, dtype=self.dtype)
+        self.flat_grads = self.reduce_buffer[:offset]
+        self.step_extras = self.reduce_buffer[offset:]
         for spec, (module, local) in zip(self.specs, owners, strict=True):
             module.params[local] = self.param(spec.name)
             module.grads[local] = self.grad(spec.name)

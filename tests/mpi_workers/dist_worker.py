@@ -45,6 +45,14 @@ def collectives(comm: Comm) -> None:
     assert comm.allgather_object(r * 10) == [10 * i for i in range(n)]
     assert comm.local_size == n and 0 <= comm.local_rank < n
     comm.barrier()
+
+    # while rank 0 works alone for 0.5 s, the ranks waiting in sleeping_barrier use no CPU
+    cpu, wall = time.process_time(), time.perf_counter()
+    if r == 0:
+        time.sleep(0.5)
+    comm.sleeping_barrier()
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    assert wall >= 0.45 and cpu < 0.1, (wall, cpu)
     if r == 0:
         print(f"OK size={n} local_size={comm.local_size}", flush=True)
 
