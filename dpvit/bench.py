@@ -81,14 +81,16 @@ def model_config(args: argparse.Namespace) -> ViTConfig:
 def measure(comm: Comm, args: argparse.Namespace) -> dict[str, Any]:
     """Throughput of this process group, and where the time goes."""
     cfg = model_config(args)
-    peak = comm.allreduce_min(gemm_peak_flops())  # per rank, all ranks busy at once
+    # one BLAS thread's peak with all ranks busy at once, times the rank's replica threads
+    # (an estimate of the threads' combined peak)
+    peak = comm.allreduce_min(gemm_peak_flops()) * comm.threads
     bench = StepBench(cfg, comm, args.batch_size, args.dtype)
     result = summarize(bench.run(args.steps, args.warmup, args.repeats),
                        args.batch_size * comm.size)
     train_flops = 3 * forward_flops_per_image(cfg)
     result.update(
         world_size=comm.size,
-        threads_per_rank=int(os.environ.get("OPENBLAS_NUM_THREADS", "0")) or None,
+        threads_per_rank=comm.threads,
         batch_per_rank=args.batch_size,
         params=bench.model.num_params(),
         train_gflop_per_image=train_flops / 1e9,

@@ -47,6 +47,8 @@ class ViTConfig:
     mlp_ratio: float = _opt(2.0, "MLP hidden size as a multiple of embed_dim")
     qkv_bias: bool = _opt(True, "bias on the fused qkv projection")
     patch_embed: str = _opt("linear", "patch embedding", choices=("linear", "conv"))
+    patch_overlap: int = _opt(0, "pixels each conv patch window reaches into its neighbours "
+                                 "on every side (kernel patch_size + 2 * overlap, same stride)")
     pos_embed: str = _opt("learned", "position embedding", choices=("learned", "sincos"))
     pool: str = _opt("cls", "pooling before the head", choices=("cls", "mean"))
     drop_rate: float = _opt(0.0, "dropout after attention projection and in the MLP")
@@ -66,6 +68,10 @@ class ViTConfig:
             raise ConfigError(
                 f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
             )
+        if self.patch_overlap < 0 or (self.patch_overlap and self.patch_embed != "conv"):
+            raise ConfigError(f"patch_overlap must be 0, or positive with patch_embed conv; got "
+                              f"{self.patch_overlap} with {self.patch_embed} (a linear patch "
+                              "embedding needs --patch-overlap 0)")
         if self.mlp_ratio <= 0:
             raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
         if self.pos_embed == "sincos" and self.embed_dim % 4:

@@ -76,12 +76,15 @@ class Comm:
         size: Number of processes in the job.
         local_rank: Index among the processes on this host.
         local_size: Number of processes on this host (they share its cores).
+        threads: Worker threads of this process, each running a model replica
+            (`dpvit.replicas`); set by `configure_threads`.
     """
 
     rank: int = 0
     size: int = 1
     local_rank: int = 0
     local_size: int = 1
+    threads: int = 1
 
     @property
     def is_root(self) -> bool:
@@ -350,20 +353,22 @@ def available_cores() -> int:
 
 
 def configure_threads(comm: Comm, threads: int | None = None) -> int:
-    """Choose and apply the number of BLAS/OpenMP threads for this rank.
+    """Choose this rank's worker threads and give each of them one BLAS/OpenMP thread.
 
-    When several ranks share a host each uses one thread (more would oversubscribe the
-    cores, which the ranks already fill); a lone process uses every core it may run on. The
-    choice is applied to the loaded BLAS with threadpoolctl (the limit persists for the
-    process) and exported in `OMP/OPENBLAS/MKL_NUM_THREADS` for child processes.
+    When several ranks share a host each uses one thread (the ranks already fill the
+    cores); a lone process uses every core it may run on, as that many model replicas in
+    threads (`dpvit.replicas`), which this model's small GEMMs suit better than BLAS threads.
+    The choice is stored in `comm.threads`; the BLAS limit of 1 is applied with threadpoolctl
+    (it persists for the process) and exported in `OMP/OPENBLAS/MKL_NUM_THREADS` for child
+    processes.
 
     Args:
-        comm: The job's communicator (its `local_size` decides).
+        comm: The job's communicator (its `local_size` decides; its `threads` is set).
         threads: Explicit override; otherwise the `DPVIT_NUM_THREADS` environment variable,
             otherwise the rule above.
 
     Returns:
-        The number of threads chosen.
+        The number of worker threads chosen.
     """
     if threads is None and os.environ.get("DPVIT_NUM_THREADS"):
         threads = int(os.environ["DPVIT_NUM_THREADS"])
@@ -374,18 +379,18 @@ def configure_threads(comm: Comm, threads: int | None = None) -> int:
         threads, reason = 1, f"{comm.local_size} ranks share this host"
     else:
         threads, reason = available_cores(), "one rank on this host"
-    threads = max(1, threads)
+    comm.threads = max(1, threads)
     for name in THREAD_ENV_VARS:
-        os.environ[name] = str(threads)
+        os.environ[name] = "1"
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
         logger.debug("threadpoolctl is not installed; BLAS thread count left as loaded")
     else:
-        threadpool_limits(limits=threads)
+        threadpool_limits(limits=1)
     if comm.is_root:
-        logger.info("BLAS threads per rank: %d (%s)", threads, reason)
-    return threads
+        logger.info("threads per rank: %d (%s), one BLAS thread each", comm.threads, reason)
+    return comm.threads
 
 
 class _RankFormatter(logging.Formatter):

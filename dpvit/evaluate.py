@@ -30,6 +30,7 @@ from dpvit.data import DATASETS, DatasetInfo, eval_shard, load_split, normalize,
 from dpvit.dist import Comm, run_main
 from dpvit.errors import ConfigError, UserError
 from dpvit.nn.losses import CrossEntropyLoss
+from dpvit.replicas import Replicas
 from dpvit.report import ReportContext, build_report, confusion_matrix, write_report
 from dpvit.vit import VisionTransformer
 
@@ -56,15 +57,17 @@ class Evaluation:
     confidences: np.ndarray
 
 
-def evaluate_model(model: VisionTransformer, images: np.ndarray, labels: np.ndarray, comm: Comm,
+def evaluate_model(replicas: Replicas, images: np.ndarray, labels: np.ndarray, comm: Comm,
                    info: DatasetInfo, *, epoch: int, step: int,
                    batch_size: int = EVAL_BATCH) -> Evaluation:
     """Score ``images`` on this rank's shard and combine the shards of every rank.
 
-    Every rank must call this (it runs collectives); every rank gets the same result.
+    Every rank must call this (it runs collectives); every rank gets the same result, which
+    does not depend on the number of ranks or threads beyond float rounding in the loss.
 
     Args:
-        model: the model, with identical parameters on every rank.
+        replicas: the model and its replicas (the batches of the shard are spread over their
+            threads), with identical parameters on every rank.
         images: (N, H, W) uint8, the whole split (each rank scores its own shard of it).
         labels: (N,) int64 true classes.
         comm: the job's communicator.
@@ -75,27 +78,28 @@ def evaluate_model(model: VisionTransformer, images: np.ndarray, labels: np.ndar
     Returns:
         The combined evaluation.
     """
-    k = model.cfg.num_classes
-    cm = np.zeros((k, k), dtype=np.int64)
-    loss_sum = 0.0
+    k = replicas.model.cfg.num_classes
     plain_ce = CrossEntropyLoss()
     shard = eval_shard(len(labels), comm.rank, comm.size)
-    preds, confs = [np.zeros(0, np.int64)], [np.zeros(0, np.float64)]
-    for start in range(0, len(shard), batch_size):
-        idx = shard[start : start + batch_size]
+
+    def score(model: VisionTransformer, idx: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
         x = normalize(images[idx], info.mean, info.std).astype(model.dtype)
         logits = model.forward(x, train=False)
-        loss_sum += plain_ce(logits, labels[idx], denominator=1)[0]
-        pred = logits.argmax(axis=1)
-        cm += confusion_matrix(labels[idx], pred, k)
         # softmax of the top class: exp(0) over the row sum of exp(logits - row max)
         shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-        preds.append(pred.astype(np.int64))
-        confs.append(1.0 / np.exp(shifted).sum(axis=1))
+        return (plain_ce(logits, labels[idx], denominator=1)[0],
+                logits.argmax(axis=1).astype(np.int64), 1.0 / np.exp(shifted).sum(axis=1))
+
+    batches = [shard[start : start + batch_size] for start in range(0, len(shard), batch_size)]
+    scored = replicas.map(score, batches)
+    loss_sum = float(sum(loss for loss, _, _ in scored))
+    preds = np.concatenate([np.zeros(0, np.int64), *(p for _, p, _ in scored)])
+    confs = np.concatenate([np.zeros(0, np.float64), *(c for _, _, c in scored)])
+    cm = confusion_matrix(labels[shard], preds, k)
     cm = comm.allreduce_sum(cm)
     loss_sum = float(comm.allreduce_sum(np.array([loss_sum]))[0])
     # shards are contiguous and in rank order, so concatenating restores the split order
-    gathered = comm.allgather_object((np.concatenate(preds), np.concatenate(confs)))
+    gathered = comm.allgather_object((preds, confs))
     report = build_report(cm, loss_sum, dataset=info.name, split="test", epoch=epoch, step=step,
                           world_size=comm.size, class_names=list(info.class_names))
     return Evaluation(report, np.concatenate([p for p, _ in gathered]),
@@ -172,8 +176,8 @@ def run(comm: Comm, argv: list[str] | None) -> int:
         images, labels = images[: args.test_subset], labels[: args.test_subset]
     logger.info("scoring %s (step %d, trained on %d rank(s)) on %d %s test images, %d rank(s)",
                 args.checkpoint, step, saved_ranks, len(labels), dataset, comm.size)
-    result = evaluate_model(model, images, labels, comm, info, epoch=epoch, step=step,
-                            batch_size=args.batch_size)
+    result = evaluate_model(Replicas(model, comm.threads), images, labels, comm, info,
+                            epoch=epoch, step=step, batch_size=args.batch_size)
     run_dir = args.run_dir or args.checkpoint.resolve().parent.parent
     if comm.is_root:
         context = ReportContext(images=images, labels=labels, predictions=result.predictions,

@@ -11,6 +11,7 @@ import contextlib
 import resource
 import statistics
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from dpvit.nn.attention import Attention
 from dpvit.nn.layers import GELU, LayerNorm, Linear
 from dpvit.nn.losses import CrossEntropyLoss
 from dpvit.optim import AdamW, clip_grad_norm_
+from dpvit.replicas import Replicas
 from dpvit.vit import Mlp, PatchEmbed, VisionTransformer
 
 
@@ -35,7 +37,7 @@ def forward_flops_per_image(cfg: ViTConfig) -> float:
     """
     n = (cfg.img_size // cfg.patch_size) ** 2
     T, D, hidden = n + 1, cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
-    patch = 2 * n * cfg.in_chans * cfg.patch_size**2 * D
+    patch = 2 * n * cfg.in_chans * (cfg.patch_size + 2 * cfg.patch_overlap) ** 2 * D
     block = 2 * T * D * (3 * D + D + 2 * hidden) + 2 * 2 * T * T * D
     return patch + cfg.depth * block + 2 * D * cfg.num_classes
 
@@ -84,20 +86,26 @@ class StepBench:
                  dtype: str = "float32") -> None:
         self.comm, self.batch = comm, batch_per_rank
         self.model = VisionTransformer(cfg, np.dtype(dtype), seed=0)
+        self.replicas = Replicas(self.model, comm.threads)
         self.optimizer = AdamW(self.model.store, lr=1e-3)
         self.loss_fn = CrossEntropyLoss()
         rng = np.random.default_rng(comm.rank)
         shape = (batch_per_rank, cfg.in_chans, cfg.img_size, cfg.img_size)
         self.x = rng.random(shape).astype(dtype)
         self.y = rng.integers(0, cfg.num_classes, batch_per_rank)
+        self.indices = np.arange(batch_per_rank)
         self.allreduce_seconds = 0.0
+
+    def _share_step(self, model: VisionTransformer, indices: np.ndarray, x: np.ndarray,
+                    y: np.ndarray) -> tuple[float, float]:
+        logits = model.forward(x, train=True)
+        loss, dlogits = self.loss_fn(logits, y, denominator=self.batch * self.comm.size)
+        model.backward(dlogits)
+        return loss, 0.0
 
     def step(self) -> None:
         store = self.model.store
-        store.zero_grad()
-        logits = self.model.forward(self.x, train=True)
-        _, dlogits = self.loss_fn(logits, self.y, denominator=self.batch * self.comm.size)
-        self.model.backward(dlogits)
+        self.replicas.forward_backward(self._share_step, self.indices, self.x, self.y)
         start = time.perf_counter()
         self.comm.allreduce_sum_(store.reduce_buffer)  # as training: gradients + step numbers
         self.allreduce_seconds += time.perf_counter() - start
@@ -141,6 +149,7 @@ TIMED_LAYERS = (PatchEmbed, LayerNorm, Attention, Mlp, Linear, GELU)
 def layer_timer() -> Iterator[dict[str, float]]:
     """Temporarily wrap the forward/backward of ``TIMED_LAYERS`` to accumulate seconds."""
     totals: dict[str, float] = defaultdict(float)
+    lock = threading.Lock()  # replica threads add to the same totals
     originals = []
     for cls in TIMED_LAYERS:
         fwd, bwd = cls.forward, cls.backward
@@ -149,13 +158,15 @@ def layer_timer() -> Iterator[dict[str, float]]:
         def timed_fwd(self, x, train, *args, _f=fwd, _key=f"{cls.__name__}.forward"):
             start = time.perf_counter()
             out = _f(self, x, train, *args)
-            totals[_key] += time.perf_counter() - start
+            with lock:
+                totals[_key] += time.perf_counter() - start
             return out
 
         def timed_bwd(self, dy, _b=bwd, _key=f"{cls.__name__}.backward"):
             start = time.perf_counter()
             out = _b(self, dy)
-            totals[_key] += time.perf_counter() - start
+            with lock:
+                totals[_key] += time.perf_counter() - start
             return out
 
         cls.forward, cls.backward = timed_fwd, timed_bwd
@@ -167,7 +178,8 @@ def layer_timer() -> Iterator[dict[str, float]]:
 
 
 def layer_table(bench: StepBench, steps: int) -> list[dict[str, float | str]]:
-    """Milliseconds per step in each layer type's forward and backward (this rank)."""
+    """Milliseconds per step in each layer type's forward and backward (this rank; with
+    replica threads, the sum of their times)."""
     with layer_timer() as totals:
         for _ in range(steps):
             bench.step()

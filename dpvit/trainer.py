@@ -41,6 +41,7 @@ from dpvit.guard import (
 from dpvit.nn.losses import CrossEntropyLoss
 from dpvit.optim import build_optimizer, clip_grad_norm_, lr_at
 from dpvit.progress import ProgressBar, progress_wanted
+from dpvit.replicas import Replicas
 from dpvit.report import ReportContext, write_report
 from dpvit.vit import VisionTransformer
 
@@ -64,8 +65,10 @@ class Trainer:
         t = cfg.train
         self.dtype = np.dtype(t.dtype)
         self.model = VisionTransformer(cfg.model, self.dtype, seed=t.seed)
+        self.replicas = Replicas(self.model, comm.threads)
         if t.debug:
-            watch_non_finite(self.model)
+            for model in self.replicas.models:
+                watch_non_finite(model)
         self.store = self.model.store
         self.optimizer = build_optimizer(
             t.optimizer, self.store, t.lr, t.weight_decay, momentum=t.momentum,
@@ -164,17 +167,24 @@ class Trainer:
         worst = max(r["rel_err"] for r in gradient_spot_check(self.model, loss_of))
         logger.info("gradient check on the first batch: max relative error %.1e", worst)
 
+    def share_step(self, model: VisionTransformer, indices: np.ndarray, x: np.ndarray,
+                   y: np.ndarray) -> tuple[float, float]:
+        """Forward/backward of one part of this rank's share on one replica (its thread).
+
+        Returns the part's loss (over the global batch size) and its correct count.
+        """
+        t = self.cfg.train
+        model.set_dropout_keys(t.seed, self.step, indices)
+        logits = model.forward(x.astype(self.dtype, copy=False), train=True)
+        loss, dlogits = self.loss_fn(logits, y, denominator=t.batch_size)
+        model.backward(dlogits)
+        return loss, float(np.count_nonzero(logits.argmax(axis=1) == y))
+
     def train_step(self, indices: np.ndarray, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         """Forward/backward on this rank's share, allreduce, clip, optimizer step."""
         t = self.cfg.train
-        self.store.zero_grad()
-        loss = correct = 0.0
-        if len(indices):  # a rank can get no samples when batch_size < world size
-            self.model.set_dropout_keys(t.seed, self.step, indices)
-            logits = self.model.forward(x.astype(self.dtype, copy=False), train=True)
-            loss, dlogits = self.loss_fn(logits, y, denominator=t.batch_size)
-            correct = float(np.count_nonzero(logits.argmax(axis=1) == y))
-            self.model.backward(dlogits)
+        # a rank can get no samples when batch_size < world size: its gradients stay zero
+        loss, correct = self.replicas.forward_backward(self.share_step, indices, x, y)
         # one Allreduce per step: the gradients, then loss, correct count and stop votes
         self.store.step_extras[:] = [loss, correct, *stop_votes(self.stop)]
         self.comm.allreduce_sum_(self.store.reduce_buffer)
@@ -195,7 +205,7 @@ class Trainer:
 
     def evaluate(self) -> Evaluation:
         """Score the test split, each rank its exact shard (collectives: call on every rank)."""
-        return evaluate_model(self.model, self.test_x, self.test_y, self.comm, self.info,
+        return evaluate_model(self.replicas, self.test_x, self.test_y, self.comm, self.info,
                               epoch=self.epoch, step=self.step)
 
     def report_context(self, evaluation: Evaluation) -> ReportContext:

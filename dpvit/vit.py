@@ -32,19 +32,25 @@ class PatchEmbed(Layer):
     ``kind="linear"`` flattens each patch in (C, p, p) order and applies a Linear; ``"conv"``
     is a convolution with kernel = stride = p, as in timm. The two compute the same function
     (the linear weight is the conv weight flattened), so ``linear`` is the cheaper default.
+    ``overlap=o`` (conv only) widens each window by o pixels on every side, zero-padding the
+    image by o, as the overlapping patch embedding of PVT v2: neighbouring tokens then share
+    pixels, and the grid is unchanged.
     """
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int,
-                 kind: str = "linear") -> None:
+                 kind: str = "linear", overlap: int = 0) -> None:
         super().__init__()
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.grid = img_size // patch_size
         self.num_patches = self.grid * self.grid
         self.kind = kind
+        if overlap and kind != "conv":
+            raise ValueError(f"an overlapping patch embedding must be 'conv', got {kind!r}")
         if kind == "linear":
             self.proj = self.add("proj", Linear(in_chans * patch_size * patch_size, embed_dim))
         elif kind == "conv":
-            self.proj = self.add("proj", Conv2d(in_chans, embed_dim, patch_size, patch_size))
+            self.proj = self.add("proj", Conv2d(in_chans, embed_dim, patch_size + 2 * overlap,
+                                                patch_size, padding=overlap))
         else:
             raise ValueError(f"patch_embed must be 'linear' or 'conv', got {kind!r}")
 
@@ -147,15 +153,18 @@ class VisionTransformer(Layer):
         cfg: model shape (validated here).
         dtype: float32 for training, float64 for gradient checks.
         seed: initialisation seed (the same on every rank, so all ranks start identical).
+        shared_params: bind to this flat parameter buffer instead of initialising one (see
+            ``replica``).
     """
 
-    def __init__(self, cfg: ViTConfig, dtype: np.dtype | type = np.float32, seed: int = 0):
+    def __init__(self, cfg: ViTConfig, dtype: np.dtype | type = np.float32, seed: int = 0,
+                 shared_params: np.ndarray | None = None):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         D = cfg.embed_dim
         self.patch_embed = self.add("patch_embed", PatchEmbed(
-            cfg.img_size, cfg.patch_size, cfg.in_chans, D, cfg.patch_embed))
+            cfg.img_size, cfg.patch_size, cfg.in_chans, D, cfg.patch_embed, cfg.patch_overlap))
         n_tokens = self.patch_embed.num_patches + 1
         self.declare("cls_token", (1, 1, D), no_weight_decay=True)
         self.fixed_pos_embed = None
@@ -168,11 +177,18 @@ class VisionTransformer(Layer):
         ]
         self.norm = self.add("norm", LayerNorm(D))
         self.head = self.add("head", Linear(D, cfg.num_classes))
-        self.store = ParamStore(self, dtype)
+        self.store = ParamStore(self, dtype, shared_params)
         if cfg.pos_embed == "sincos":
             self.fixed_pos_embed = sincos_pos_embed(D, self.patch_embed.grid).astype(dtype)
         self.dropouts = [m for _, m in self.named_modules() if isinstance(m, Dropout) and m.p]
-        self.init_weights(seed)
+        if shared_params is None:
+            self.init_weights(seed)
+
+    def replica(self) -> VisionTransformer:
+        """A model that reads this one's parameter buffer (not a copy) and has its own
+        gradient buffer and layer caches, so that another thread can run forward and backward
+        on it at the same time (see ``dpvit.replicas``)."""
+        return VisionTransformer(self.cfg, self.dtype, shared_params=self.store.flat_params)
 
     @property
     def dtype(self) -> np.dtype:
@@ -270,7 +286,8 @@ def expected_num_params(cfg: ViTConfig) -> int:
     D, p, C = cfg.embed_dim, cfg.patch_size, cfg.in_chans
     n = (cfg.img_size // p) ** 2
     hidden = int(D * cfg.mlp_ratio)
-    patch = D * C * p * p + D
+    k = p + 2 * cfg.patch_overlap  # the patch window side
+    patch = D * C * k * k + D
     pos = (n + 1) * D if cfg.pos_embed == "learned" else 0
     block = (2 * 2 * D  # two layer norms
              + 3 * D * D + (3 * D if cfg.qkv_bias else 0)  # qkv

@@ -4,7 +4,7 @@
 #   launch/local.sh                 # one rank per core, default MNIST recipe
 #   NP=4 launch/local.sh --epochs 1 --run-dir runs/try
 #
-# Each rank uses one BLAS thread when several share the host; dpvit decides this itself
+# Each rank uses one thread when several share the host; dpvit decides this itself
 # (dpvit.dist.configure_threads), so nothing needs exporting here. Extra arguments go to
 # `python -m dpvit.train`.
 set -euo pipefail

@@ -55,9 +55,12 @@ def run_dpvit(module: str, args: list[str], ranks: int | None = None, timeout: f
                           cwd=REPO)
 
 
-def train(run_dir: Path, *extra: str, ranks: int | None = None) -> subprocess.CompletedProcess:
-    """A tiny training run into ``run_dir``; fails the test with the output if it fails."""
-    result = run_dpvit("train", [*TINY_ARGS, "--run-dir", str(run_dir), *extra], ranks)
+def train(run_dir: Path, *extra: str, ranks: int | None = None,
+          threads: int | None = None) -> subprocess.CompletedProcess:
+    """A tiny training run into ``run_dir`` (``threads`` per rank: DPVIT_NUM_THREADS); fails
+    the test with the output if it fails."""
+    env = None if threads is None else {"DPVIT_NUM_THREADS": str(threads)}
+    result = run_dpvit("train", [*TINY_ARGS, "--run-dir", str(run_dir), *extra], ranks, env=env)
     if result.returncode != 0:
         pytest.fail(f"training failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result

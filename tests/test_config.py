@@ -17,13 +17,15 @@ def test_mnist_preset_is_the_default_recipe():
     assert {"lr", "batch_size", "epochs"} <= explicit
 
 
-def test_fashion_preset_changes_only_the_dataset_length_and_augmentation():
+def test_fashion_preset_changes_only_what_its_comments_explain():
     fashion, _ = load_config(["--config", "fashion-mnist"])
     default = Config()
     changed = {f.name for f in dataclasses.fields(TrainConfig)
                if getattr(fashion.train, f.name) != getattr(default.train, f.name)}
-    assert changed == {"dataset", "epochs", "aug_hflip", "aug_rotate", "aug_zoom"}
-    assert fashion.model == default.model
+    assert changed == {"dataset", "epochs", "lr", "augment", "aug_hflip", "aug_rotate",
+                       "aug_zoom"}
+    assert fashion.model == dataclasses.replace(default.model, patch_embed="conv",
+                                                patch_overlap=2)
 
 
 def test_choosing_a_dataset_applies_its_preset_under_file_and_flags(tmp_path):
@@ -80,6 +82,8 @@ def test_missing_preset_lists_the_presets():
     (["--batch-size", "0"], "batch_size must be a positive integer"),
     (["--label-smoothing", "1"], "label_smoothing"),
     (["--dim", "30", "--heads", "4"], "divisible by num_heads"),
+    (["--patch-overlap", "2"], "positive with patch_embed conv; got 2 with linear"),
+    (["--patch-embed", "conv", "--patch-overlap", "-1"], "patch_overlap must be 0"),
     (["--warmup-epochs", "-1"], "must not be negative"),
     (["--aug-zoom", "1"], "aug_zoom must be in"),
     (["--aug-rotate", "-5"], "aug_rotate must not be negative"),

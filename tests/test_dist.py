@@ -65,23 +65,30 @@ def test_plain_import_does_not_load_mpi():
 def test_configure_threads(restore_process_state):
     comm = dist.LocalComm()
     comm.local_size = 2
-    assert dist.configure_threads(comm) == 1
+    assert dist.configure_threads(comm) == comm.threads == 1
     assert os.environ["OMP_NUM_THREADS"] == "1"
     comm.local_size = 1
-    assert dist.configure_threads(comm) == dist.available_cores()
-    assert os.environ["OPENBLAS_NUM_THREADS"] == str(dist.available_cores())
+    assert dist.configure_threads(comm) == comm.threads == dist.available_cores()
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"  # the replica threads use one each
+    from threadpoolctl import threadpool_info
+
+    assert {pool["num_threads"] for pool in threadpool_info()} == {1}
 
 
 @pytest.fixture
 def restore_process_state(monkeypatch):
-    """run_main sets thread env vars and a root log handler; undo both after the test."""
+    """run_main sets thread env vars, BLAS limits and a root log handler; undo all after."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
     for name in (*dist.THREAD_ENV_VARS, "DPVIT_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    blas = {pool["user_api"]: pool["num_threads"] for pool in threadpool_info()}
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    threadpool_limits(limits=blas)
 
 
 def test_run_main_local_errors(caplog, restore_process_state):
@@ -147,7 +154,7 @@ def test_mpi_collectives(tmp_path, n):
     proc, _, piddir = _mpirun(n, "collectives", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert f"OK size={n} local_size={n}" in proc.stdout
-    assert "BLAS threads per rank: 1" in proc.stderr
+    assert "threads per rank: 1 (" in proc.stderr
     _assert_no_leftovers(piddir, n)
 
 

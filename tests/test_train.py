@@ -69,25 +69,29 @@ def _flat(params: dict[str, np.ndarray]) -> np.ndarray:
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_n_ranks_equal_one_rank_at_the_same_global_batch(tmp_path, dtype):
-    """Augmentation and dropout are on: both are keyed by sample, not by rank.
+    """Augmentation and dropout are on: both are keyed by sample, not by rank or thread.
 
-    float64: every parameter within rtol 1e-10. float32: the whole parameter vector within
-    relative L2 error 1e-5: entry-wise, float32 rounding differences that depend on the
-    summation order are amplified by AdamW in parameters whose gradient is near 0.
+    One process with one thread is the reference; one process with 3 replica threads (32
+    images split 11/11/10) and 2 and 4 ranks must match it. float64: every parameter within
+    rtol 1e-10. float32: the whole parameter vector within relative L2 error 1e-5:
+    entry-wise, float32 rounding differences that depend on the summation order are
+    amplified by AdamW in parameters whose gradient is near 0.
     """
     extra = ["--max-steps", "6", "--dtype", dtype, "--drop-rate", "0.1"]
-    train(tmp_path / "n1", *extra)
+    train(tmp_path / "n1", *extra, threads=1)
     reference = load_params(tmp_path / "n1" / "checkpoints" / "last.h5")
-    for ranks in (2, 4):
-        train(tmp_path / f"n{ranks}", *extra, ranks=ranks)
-        params = load_params(tmp_path / f"n{ranks}" / "checkpoints" / "last.h5")
+    for ranks, threads in ((None, 3), (2, None), (4, None)):
+        what = f"{ranks} ranks" if ranks else f"1 process x {threads} threads"
+        run = tmp_path / what.replace(" ", "")
+        train(run, *extra, ranks=ranks, threads=threads)
+        params = load_params(run / "checkpoints" / "last.h5")
         if dtype == "float64":
             for name, value in reference.items():
                 np.testing.assert_allclose(params[name], value, rtol=1e-10, atol=1e-13,
-                                           err_msg=f"{name} with {ranks} ranks")
+                                           err_msg=f"{name} with {what}")
         else:
             a, b = _flat(params), _flat(reference)
-            assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5, f"{ranks} ranks"
+            assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5, what
 
 
 def test_resume_is_bitwise_identical_on_the_same_world_size(tmp_path):

@@ -21,8 +21,9 @@ TINY = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=8, depth=1, num_head
         dict(),
         dict(patch_embed="conv", pool="mean", pos_embed="sincos", in_chans=2),
         dict(drop_rate=0.2, attn_drop_rate=0.1, depth=2),
+        dict(patch_embed="conv", patch_overlap=1),
     ],
-    ids=["linear-cls-learned", "conv-mean-sincos", "dropout-depth2"],
+    ids=["linear-cls-learned", "conv-mean-sincos", "dropout-depth2", "conv-overlap"],
 )
 def test_tiny_vit_with_loss_matches_finite_differences(variant):
     cfg = ViTConfig(**{**TINY, **variant})
@@ -58,7 +59,8 @@ def test_default_preset_parameter_count_and_names():
         assert name in names
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(patch_embed="conv", pos_embed="sincos")])
+@pytest.mark.parametrize("variant", [dict(), dict(patch_embed="conv", pos_embed="sincos"),
+                                     dict(patch_embed="conv", patch_overlap=2)])
 def test_every_parameter_is_a_view_into_the_flat_buffer(variant):
     model = VisionTransformer(ViTConfig(**{**TINY, **variant}))
     store = model.store

@@ -22,9 +22,10 @@ F = torch.nn.functional
 def torch_vit(params: dict[str, torch.Tensor], x: torch.Tensor, cfg: ViTConfig) -> torch.Tensor:
     """The timm ViT forward written with torch ops over dpvit's named parameters."""
     B = x.shape[0]
-    w = params["patch_embed.proj.weight"].reshape(cfg.embed_dim, cfg.in_chans, cfg.patch_size,
-                                                  cfg.patch_size)
-    h = F.conv2d(x, w, params["patch_embed.proj.bias"], stride=cfg.patch_size)
+    k = cfg.patch_size + 2 * cfg.patch_overlap
+    w = params["patch_embed.proj.weight"].reshape(cfg.embed_dim, cfg.in_chans, k, k)
+    h = F.conv2d(x, w, params["patch_embed.proj.bias"], stride=cfg.patch_size,
+                 padding=cfg.patch_overlap)
     h = h.flatten(2).transpose(1, 2)
     h = torch.cat([params["cls_token"].expand(B, -1, -1), h], dim=1) + params["pos_embed"]
     H, D = cfg.num_heads, cfg.embed_dim
@@ -49,8 +50,10 @@ def torch_vit(params: dict[str, torch.Tensor], x: torch.Tensor, cfg: ViTConfig) 
     return F.linear(h[:, 0], params["head.weight"], params["head.bias"])
 
 
-def test_default_vit_logits_and_gradients_match_torch():
-    cfg = ViTConfig(depth=2)
+@pytest.mark.parametrize("variant", [{}, {"patch_embed": "conv", "patch_overlap": 2}],
+                         ids=["default", "overlapping-conv-patches"])
+def test_default_vit_logits_and_gradients_match_torch(variant):
+    cfg = ViTConfig(depth=2, **variant)
     model = VisionTransformer(cfg, dtype=np.float64, seed=3)
     rng = np.random.default_rng(0)
     model.store.flat_params += rng.standard_normal(model.store.numel) * 0.05

@@ -71,9 +71,12 @@ class ParamStore:
         root: the model; its declared parameters and those of its children, in construction
             order, become consecutive slices of the buffers.
         dtype: float32 for training, float64 for gradient checks.
+        shared_params: another store's ``flat_params`` to bind to instead of allocating one
+            (a replica that reads the same parameters and keeps its own gradients).
     """
 
-    def __init__(self, root: Module, dtype: np.dtype | type = np.float32) -> None:
+    def __init__(self, root: Module, dtype: np.dtype | type = np.float32,
+                 shared_params: np.ndarray | None = None) -> None:
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"parameter dtype must be float32 or float64, got {self.dtype}")
@@ -90,7 +93,13 @@ class ParamStore:
         if len(self._by_name) != len(self.specs):
             raise ValueError("duplicate parameter names in model")
         self.numel = offset
-        self.flat_params = np.zeros(offset, dtype=self.dtype)
+        if shared_params is None:
+            self.flat_params = np.zeros(offset, dtype=self.dtype)
+        elif shared_params.shape != (offset,) or shared_params.dtype != self.dtype:
+            raise ValueError(f"shared parameters {shared_params.dtype}{shared_params.shape} do "
+                             f"not fit this model's {self.dtype}({offset},)")
+        else:
+            self.flat_params = shared_params
         # The gradients are the head of a longer buffer whose tail (``step_extras``) carries
         # per-step numbers summed across ranks with them, so one Allreduce per step does all.
         self.reduce_buffer = np.zeros(offset + STEP_EXTRAS, dtype=self.dtype)
