@@ -54,6 +54,11 @@ class ViTConfig:
     drop_rate: float = _opt(0.0, "dropout after attention projection and in the MLP")
     attn_drop_rate: float = _opt(0.0, "dropout on attention weights")
 
+    @property
+    def patch_window(self) -> int:
+        """Side of the pixel window each patch token sees (its conv kernel)."""
+        return self.patch_size + 2 * self.patch_overlap
+
     def validate(self) -> None:
         """Raise ConfigError with one clear sentence for an impossible shape."""
         for name in ("img_size", "in_chans", "num_classes", "patch_size", "embed_dim", "depth",

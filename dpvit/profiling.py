@@ -37,7 +37,7 @@ def forward_flops_per_image(cfg: ViTConfig) -> float:
     """
     n = (cfg.img_size // cfg.patch_size) ** 2
     T, D, hidden = n + 1, cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
-    patch = 2 * n * cfg.in_chans * (cfg.patch_size + 2 * cfg.patch_overlap) ** 2 * D
+    patch = 2 * n * cfg.in_chans * cfg.patch_window**2 * D
     block = 2 * T * D * (3 * D + D + 2 * hidden) + 2 * 2 * T * T * D
     return patch + cfg.depth * block + 2 * D * cfg.num_classes
 

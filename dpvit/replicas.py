@@ -87,7 +87,7 @@ class Replicas:
         n = len(self.models)
         lanes = self._run([
             lambda m=model, lane=items[t::n]: [fn(m, item) for item in lane]
-            for t, model in enumerate(self.models[: max(1, min(n, len(items)))])
+            for t, model in enumerate(self.models[: len(items)])
         ])
         out: list[R] = [None] * len(items)  # type: ignore[list-item]
         for t, lane in enumerate(lanes):

@@ -286,8 +286,7 @@ def expected_num_params(cfg: ViTConfig) -> int:
     D, p, C = cfg.embed_dim, cfg.patch_size, cfg.in_chans
     n = (cfg.img_size // p) ** 2
     hidden = int(D * cfg.mlp_ratio)
-    k = p + 2 * cfg.patch_overlap  # the patch window side
-    patch = D * C * k * k + D
+    patch = D * C * cfg.patch_window**2 + D
     pos = (n + 1) * D if cfg.pos_embed == "learned" else 0
     block = (2 * 2 * D  # two layer norms
              + 3 * D * D + (3 * D if cfg.qkv_bias else 0)  # qkv
