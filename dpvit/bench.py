@@ -37,6 +37,7 @@ from dpvit.profiling import (
     peak_rss_bytes,
     summarize,
 )
+from dpvit.replicas import MICRO_BATCH
 
 logger = logging.getLogger("dpvit.bench")
 
@@ -46,6 +47,9 @@ DEFAULT_TORCH_REF = Path(__file__).resolve().parents[1].parent / "shared/bench/t
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = CliParser(prog="python -m dpvit.bench", description=__doc__.split("\n")[0])
     p.add_argument("--batch-size", type=int, default=128, help="images per rank per step")
+    p.add_argument("--micro-batch", type=int, default=MICRO_BATCH,
+                   help="most images per forward/backward pass, as in training; 0 runs each "
+                        "rank's batch at once")
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
@@ -68,6 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("batch_size", "steps", "repeats", "ranks", "rounds"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.micro_batch < 0:
+        raise ConfigError("--micro-batch must be 0 (off) or a positive integer")
     return args
 
 
@@ -84,7 +90,7 @@ def measure(comm: Comm, args: argparse.Namespace) -> dict[str, Any]:
     # one BLAS thread's peak with all ranks busy at once, times the rank's replica threads
     # (an estimate of the threads' combined peak)
     peak = comm.allreduce_min(gemm_peak_flops()) * comm.threads
-    bench = StepBench(cfg, comm, args.batch_size, args.dtype)
+    bench = StepBench(cfg, comm, args.batch_size, args.dtype, args.micro_batch)
     result = summarize(bench.run(args.steps, args.warmup, args.repeats),
                        args.batch_size * comm.size)
     train_flops = 3 * forward_flops_per_image(cfg)
@@ -92,6 +98,7 @@ def measure(comm: Comm, args: argparse.Namespace) -> dict[str, Any]:
         world_size=comm.size,
         threads_per_rank=comm.threads,
         batch_per_rank=args.batch_size,
+        micro_batch=args.micro_batch,
         params=bench.model.num_params(),
         train_gflop_per_image=train_flops / 1e9,
         gemm_peak_gflops_per_rank=peak / 1e9,
@@ -106,7 +113,8 @@ def measure(comm: Comm, args: argparse.Namespace) -> dict[str, Any]:
 def format_measurement(r: dict[str, Any]) -> str:
     lines = [
         f"dpvit: {r['world_size']} rank(s) x {r['threads_per_rank']} thread(s), "
-        f"batch {r['batch_per_rank']}/rank, {r['params']} params",
+        f"batch {r['batch_per_rank']}/rank in micro-batches of "
+        f"{r['micro_batch'] or r['batch_per_rank']}, {r['params']} params",
         f"  images/s      {r['images_per_s']:.0f} (min {r['images_per_s_min']:.0f}, "
         f"max {r['images_per_s_max']:.0f}); step {r['step_ms']:.1f} ms",
         f"  allreduce     {100 * r['allreduce_share']:.1f}% of step time",
@@ -133,7 +141,8 @@ def _run(cmd: list[str], env: dict[str, str]) -> str:
 def dpvit_job(args: argparse.Namespace, ranks: int | None, threads: int) -> float:
     """images/s of ``python -m dpvit.bench`` with ``ranks`` (None: no mpirun)."""
     cmd = [sys.executable, "-m", "dpvit.bench", "--json", "--no-layers",
-           "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+           "--batch-size", str(args.batch_size), "--micro-batch", str(args.micro_batch),
+           "--steps", str(args.steps),
            "--repeats", str(args.repeats), "--dim", str(args.dim), "--depth", str(args.depth),
            "--heads", str(args.heads), "--mlp-ratio", str(args.mlp_ratio),
            "--patch-size", str(args.patch_size)]

@@ -46,7 +46,9 @@ class ViTConfig:
     num_heads: int = _opt(4, "attention heads; must divide embed_dim", flag="heads")
     mlp_ratio: float = _opt(2.0, "MLP hidden size as a multiple of embed_dim")
     qkv_bias: bool = _opt(True, "bias on the fused qkv projection")
-    patch_embed: str = _opt("linear", "patch embedding", choices=("linear", "conv"))
+    patch_embed: str = _opt("linear", "patch embedding: one linear map per patch, the same as "
+                                      "a conv, or a stem of stride-2 3x3 convs with ReLU",
+                            choices=("linear", "conv", "stem"))
     patch_overlap: int = _opt(0, "pixels each conv patch window reaches into its neighbours "
                                  "on every side (kernel patch_size + 2 * overlap, same stride)")
     pos_embed: str = _opt("learned", "position embedding", choices=("learned", "sincos"))
@@ -73,6 +75,12 @@ class ViTConfig:
             raise ConfigError(
                 f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
             )
+        if self.patch_embed == "stem" and (self.patch_size < 2
+                                           or self.patch_size & (self.patch_size - 1)
+                                           or self.embed_dim % max(self.patch_size // 2, 1)):
+            raise ConfigError(f"a stem patch embedding needs patch_size a power of 2 >= 2 "
+                              f"(one stride-2 conv per halving) and embed_dim divisible by "
+                              f"patch_size / 2; got {self.patch_size} and {self.embed_dim}")
         if self.patch_overlap < 0 or (self.patch_overlap and self.patch_embed != "conv"):
             raise ConfigError(f"patch_overlap must be 0, or positive with patch_embed conv; got "
                               f"{self.patch_overlap} with {self.patch_embed} (a linear patch "

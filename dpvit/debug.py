@@ -49,9 +49,10 @@ def watch_non_finite(model: VisionTransformer) -> None:
             _check(_name, "forward output", out)
             return out
 
-        def checked_backward(dy, _b=backward, _name=name):
-            dx = _b(dy)
-            _check(_name, "backward gradient", dx)
+        def checked_backward(dy, *args, _b=backward, _name=name, **kwargs):
+            dx = _b(dy, *args, **kwargs)
+            if dx is not None:  # None: the first layer skipped d(images)
+                _check(_name, "backward gradient", dx)
             return dx
 
         module.forward, module.backward = checked_forward, checked_backward

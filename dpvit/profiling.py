@@ -8,6 +8,7 @@ data-parallel step.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import resource
 import statistics
 import sys
@@ -25,8 +26,8 @@ from dpvit.nn.attention import Attention
 from dpvit.nn.layers import GELU, LayerNorm, Linear
 from dpvit.nn.losses import CrossEntropyLoss
 from dpvit.optim import AdamW, clip_grad_norm_
-from dpvit.replicas import Replicas
-from dpvit.vit import Mlp, PatchEmbed, VisionTransformer
+from dpvit.replicas import MICRO_BATCH, Replicas
+from dpvit.vit import Mlp, PatchEmbed, VisionTransformer, stem_widths
 
 
 def forward_flops_per_image(cfg: ViTConfig) -> float:
@@ -37,7 +38,12 @@ def forward_flops_per_image(cfg: ViTConfig) -> float:
     """
     n = (cfg.img_size // cfg.patch_size) ** 2
     T, D, hidden = n + 1, cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
-    patch = 2 * n * cfg.in_chans * cfg.patch_window**2 * D
+    if cfg.patch_embed == "stem":  # 3x3 stride-2 convs, each halving the side
+        widths = stem_widths(cfg.in_chans, D, cfg.patch_size)
+        patch = sum(2 * (cfg.img_size >> (i + 1)) ** 2 * 9 * c_in * c_out
+                    for i, (c_in, c_out) in enumerate(itertools.pairwise(widths)))
+    else:
+        patch = 2 * n * cfg.in_chans * cfg.patch_window**2 * D
     block = 2 * T * D * (3 * D + D + 2 * hidden) + 2 * 2 * T * T * D
     return patch + cfg.depth * block + 2 * D * cfg.num_classes
 
@@ -80,13 +86,14 @@ class StepBench:
         comm: communicator; the global batch is ``batch_per_rank * comm.size``.
         batch_per_rank: images per rank per step.
         dtype: float32 or float64.
+        micro_batch: most images per forward/backward pass (see ``dpvit.replicas``).
     """
 
     def __init__(self, cfg: ViTConfig, comm: Comm, batch_per_rank: int,
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", micro_batch: int = MICRO_BATCH) -> None:
         self.comm, self.batch = comm, batch_per_rank
         self.model = VisionTransformer(cfg, np.dtype(dtype), seed=0)
-        self.replicas = Replicas(self.model, comm.threads)
+        self.replicas = Replicas(self.model, comm.threads, micro_batch)
         self.optimizer = AdamW(self.model.store, lr=1e-3)
         self.loss_fn = CrossEntropyLoss()
         rng = np.random.default_rng(comm.rank)
@@ -100,7 +107,7 @@ class StepBench:
                     y: np.ndarray) -> tuple[float, float]:
         logits = model.forward(x, train=True)
         loss, dlogits = self.loss_fn(logits, y, denominator=self.batch * self.comm.size)
-        model.backward(dlogits)
+        model.backward(dlogits, input_grad=False)
         return loss, 0.0
 
     def step(self) -> None:
@@ -162,9 +169,9 @@ def layer_timer() -> Iterator[dict[str, float]]:
                 totals[_key] += time.perf_counter() - start
             return out
 
-        def timed_bwd(self, dy, _b=bwd, _key=f"{cls.__name__}.backward"):
+        def timed_bwd(self, dy, *args, _b=bwd, _key=f"{cls.__name__}.backward", **kwargs):
             start = time.perf_counter()
-            out = _b(self, dy)
+            out = _b(self, dy, *args, **kwargs)
             with lock:
                 totals[_key] += time.perf_counter() - start
             return out

@@ -8,6 +8,9 @@ ranks'. numpy releases the GIL inside BLAS calls and ufunc loops, so the threads
 the cores, each with one BLAS thread. This model's GEMMs (64 to 192 wide) are too small to
 split well across BLAS threads: on 2 cores one process ran 1.15x faster with 2 BLAS threads
 than with 1, and 1.55x faster with 2 replica threads.
+
+Each replica also cuts its part into micro-batches of at most ``MICRO_BATCH`` images and runs
+them one after the other, adding their gradients up in its buffer (see ``MICRO_BATCH``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,17 @@ ShareStep = Callable[[VisionTransformer, np.ndarray, np.ndarray, np.ndarray],
                      tuple[float, float]]
 
 
+#: Most images one replica runs through forward and backward at a time. A larger part is cut
+#: into contiguous micro-batches whose gradients add up in the replica's buffer: the same sum
+#: in another order, as with ranks and threads. 32 images make activations of 0.4 MB per
+#: (tokens x D) tensor and 1.3 MB of attention scores, which stay in the core's caches from one
+#: layer to the next where 128 images' do not: at 128 images per rank, `mpirun -n 2 python -m
+#: dpvit.bench` measured 565-631 images/s with whole parts (--micro-batch 0), 686-779 with 16,
+#: 684-823 with 32 and 632 with 64, and peak memory fell from 243 to 118 MiB per rank. The
+#: training recipes (64 images per global batch) never reach it: it matters for large batches.
+MICRO_BATCH = 32
+
+
 class Replicas:
     """``threads`` models over one parameter buffer, and the threads that run them.
 
@@ -36,11 +50,16 @@ class Replicas:
         model: the rank's model; it is replica 0 and runs on the calling thread.
         threads: how many replicas (and threads) share the work; 1 runs everything on the
             calling thread.
+        micro_batch: most images per forward/backward on one replica; 0 runs each part whole.
     """
 
-    def __init__(self, model: VisionTransformer, threads: int = 1) -> None:
+    def __init__(self, model: VisionTransformer, threads: int = 1,
+                 micro_batch: int = MICRO_BATCH) -> None:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
+        if micro_batch < 0:
+            raise ValueError(f"micro_batch must be 0 (off) or positive, got {micro_batch}")
+        self.micro_batch = micro_batch
         self.models = [model, *(model.replica() for _ in range(threads - 1))]
         self._pool = (ThreadPoolExecutor(threads - 1, thread_name_prefix="dpvit-replica")
                       if threads > 1 else None)
@@ -64,23 +83,32 @@ class Replicas:
         leave the summed gradients in replica 0's buffer.
 
         Parts are contiguous and in order (the first ones one sample larger when the batch
-        does not divide), so the result depends on the number of threads only through the
-        order of floating-point sums, as with the number of ranks.
+        does not divide), and so are their micro-batches, so the result depends on the number
+        of threads and the micro-batch size only through the order of floating-point sums, as
+        with the number of ranks.
 
         Returns:
-            The sums over the parts of ``share_step``'s loss and correct count.
+            The sums over all parts and micro-batches of ``share_step``'s loss and correct count.
         """
         parts = [p for p in np.array_split(np.arange(len(indices)), len(self.models)) if len(p)]
         for model in self.models:
             model.store.zero_grad()
         results = self._run([
-            lambda m=model, p=part: share_step(m, indices[p], x[p], y[p])
+            lambda m=model, p=part: [share_step(m, indices[c], x[c], y[c])
+                                     for c in self._micro_batches(p)]
             for model, part in zip(self.models, parts, strict=False)
         ])
         grads = self.model.store.flat_grads
         for model in self.models[1 : len(parts)]:
             grads += model.store.flat_grads
-        return sum(r[0] for r in results), sum(r[1] for r in results)
+        steps = [r for part_results in results for r in part_results]
+        return sum(r[0] for r in steps), sum(r[1] for r in steps)
+
+    def _micro_batches(self, part: np.ndarray) -> list[np.ndarray]:
+        """``part`` cut into near-equal contiguous pieces of at most ``micro_batch``."""
+        if not self.micro_batch or len(part) <= self.micro_batch:
+            return [part]
+        return np.array_split(part, -(-len(part) // self.micro_batch))
 
     def map(self, fn: Callable[[VisionTransformer, T], R], items: Sequence[T]) -> list[R]:
         """``fn(model, item)`` for every item, item i on replica i mod threads; in item order."""

@@ -177,7 +177,7 @@ class Trainer:
         model.set_dropout_keys(t.seed, self.step, indices)
         logits = model.forward(x.astype(self.dtype, copy=False), train=True)
         loss, dlogits = self.loss_fn(logits, y, denominator=t.batch_size)
-        model.backward(dlogits)
+        model.backward(dlogits, input_grad=False)
         return loss, float(np.count_nonzero(logits.argmax(axis=1) == y))
 
     def train_step(self, indices: np.ndarray, x: np.ndarray, y: np.ndarray) -> dict[str, float]:

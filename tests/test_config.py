@@ -24,8 +24,7 @@ def test_fashion_preset_changes_only_what_its_comments_explain():
                if getattr(fashion.train, f.name) != getattr(default.train, f.name)}
     assert changed == {"dataset", "epochs", "lr", "augment", "aug_hflip", "aug_rotate",
                        "aug_zoom"}
-    assert fashion.model == dataclasses.replace(default.model, patch_embed="conv",
-                                                patch_overlap=2)
+    assert fashion.model == dataclasses.replace(default.model, patch_embed="stem", depth=5)
 
 
 def test_choosing_a_dataset_applies_its_preset_under_file_and_flags(tmp_path):
@@ -84,6 +83,8 @@ def test_missing_preset_lists_the_presets():
     (["--dim", "30", "--heads", "4"], "divisible by num_heads"),
     (["--patch-overlap", "2"], "positive with patch_embed conv; got 2 with linear"),
     (["--patch-embed", "conv", "--patch-overlap", "-1"], "patch_overlap must be 0"),
+    (["--patch-embed", "stem", "--patch-size", "7"], "power of 2 >= 2"),
+    (["--patch-embed", "stem", "--patch-overlap", "1"], "positive with patch_embed conv"),
     (["--warmup-epochs", "-1"], "must not be negative"),
     (["--aug-zoom", "1"], "aug_zoom must be in"),
     (["--aug-rotate", "-5"], "aug_rotate must not be negative"),

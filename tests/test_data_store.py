@@ -124,6 +124,19 @@ def test_read_only_data_dir_uses_cache(tiny, monkeypatch, tmp_path):
     assert not (tiny["dir"] / "tiny.h5").exists()
 
 
+def test_store_never_creates_a_sibling_of_another_datasets_dir(tiny, monkeypatch, tmp_path):
+    """DPVIT_DATA_DIR=.../mnist with another dataset whose files sit in a system directory:
+    the store goes to the cache, not into a new directory beside the MNIST one."""
+    monkeypatch.setitem(DATASETS, "tiny", replace(tiny["info"], system_dirs=(str(tiny["dir"]),)))
+    mnist_dir = tmp_path / "datasets" / "mnist"
+    mnist_dir.mkdir(parents=True)
+    assert prepare_dataset("tiny", str(mnist_dir)) == tmp_path / "cache" / "tiny.h5"
+    assert not (tmp_path / "datasets" / "tiny").exists()
+    (tmp_path / "cache" / "tiny.h5").unlink()
+    (tmp_path / "datasets" / "tiny").mkdir()  # an existing sibling is used
+    assert prepare_dataset("tiny", str(mnist_dir)) == tmp_path / "datasets" / "tiny" / "tiny.h5"
+
+
 def test_resolve_data_dir(tiny, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     assert resolve_data_dir("mnist", None) == Path("data/mnist")

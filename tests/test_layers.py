@@ -60,6 +60,10 @@ CASES = {
         lambda: PatchEmbed(8, 4, 2, 6, "conv"),
         lambda: rng.standard_normal((2, 2, 8, 8)),
     ),
+    "patch_embed_stem": (
+        lambda: PatchEmbed(8, 4, 2, 6, "stem"),
+        lambda: rng.standard_normal((2, 2, 8, 8)),
+    ),
     "mlp": (lambda: keyed(Mlp(6, 10, 0.25, 0), 2), lambda: rng.standard_normal((2, 3, 6))),
     "block": (
         lambda: Block(ViTConfig(embed_dim=8, num_heads=2, mlp_ratio=2.0), 0),
@@ -121,6 +125,24 @@ def test_linear_and_conv_patch_embedding_agree():
     s_lin.flat_params[:] = s_conv.flat_params  # same (O, C*p*p) order, same bias
     x = rng.standard_normal((3, 2, 8, 8))
     np.testing.assert_allclose(lin.forward(x, False), conv.forward(x, False), rtol=1e-12)
+
+
+def test_stem_patch_embedding_is_strided_convs_with_relu():
+    """p = 4: conv 3x3/2 to D/2 channels, ReLU, conv 3x3/2 to D; the same grid as p x p patches."""
+    stem = PatchEmbed(8, 4, 2, 6, "stem")
+    store = ParamStore(stem, np.float64)
+    store.flat_params[:] = rng.standard_normal(store.numel)
+    assert [tuple(v.shape) for v in store.named_params().values()] == [
+        (3, 2, 3, 3), (3,), (6, 3, 3, 3), (6,)]
+    x = rng.standard_normal((3, 2, 8, 8))
+    first, second = Conv2d(2, 3, 3, 2, 1), Conv2d(3, 6, 3, 2, 1)
+    for conv, name in ((first, "stem.0."), (second, "proj.")):
+        ParamStore(conv, np.float64)
+        for local in ("weight", "bias"):
+            conv.params[local][...] = store.named_params()[name + local]
+    expected = second.forward(np.maximum(first.forward(x, False), 0), False)  # (3, 6, 2, 2)
+    np.testing.assert_allclose(stem.forward(x, False),
+                               expected.reshape(3, 6, 4).transpose(0, 2, 1), rtol=1e-12)
 
 
 def test_gelu_is_the_tanh_form():

@@ -59,6 +59,33 @@ def test_threads_give_the_gradients_of_one_thread(threads, n):
     assert np.abs(one.model.store.flat_grads).max() > 0
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_micro_batches_give_the_gradients_of_whole_parts(threads):
+    """11 images in micro-batches of at most 3 (one part: 3/3/3/2; two parts of 6 and 5: 3/3
+    and 3/2): same loss, correct count and gradients as running each part at once."""
+    indices, x, y = batch(11)
+    sizes = []
+
+    def recording_step(model, idx, xb, yb):
+        sizes.append(len(idx))
+        return share_step(model, idx, xb, yb)
+
+    whole = Replicas(VisionTransformer(CFG, np.float64, seed=0), threads, micro_batch=0)
+    micro = Replicas(VisionTransformer(CFG, np.float64, seed=0), threads, micro_batch=3)
+    loss_whole, correct_whole = whole.forward_backward(share_step, indices, x, y)
+    loss_micro, correct_micro = micro.forward_backward(recording_step, indices, x, y)
+    assert sorted(sizes) == [2, 3, 3, 3]
+    assert correct_micro == correct_whole
+    assert loss_micro == pytest.approx(loss_whole, rel=1e-13)
+    np.testing.assert_allclose(micro.model.store.flat_grads, whole.model.store.flat_grads,
+                               rtol=1e-12, atol=1e-15)
+
+
+def test_micro_batch_must_not_be_negative():
+    with pytest.raises(ValueError, match="micro_batch must be 0"):
+        Replicas(VisionTransformer(CFG, np.float64, seed=0), 1, micro_batch=-1)
+
+
 def test_an_empty_share_leaves_zero_gradients():
     replicas = Replicas(VisionTransformer(CFG, np.float64, seed=0), 2)
     replicas.model.store.flat_grads.fill(1.0)

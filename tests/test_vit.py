@@ -22,8 +22,9 @@ TINY = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=8, depth=1, num_head
         dict(patch_embed="conv", pool="mean", pos_embed="sincos", in_chans=2),
         dict(drop_rate=0.2, attn_drop_rate=0.1, depth=2),
         dict(patch_embed="conv", patch_overlap=1),
+        dict(patch_embed="stem", in_chans=2),
     ],
-    ids=["linear-cls-learned", "conv-mean-sincos", "dropout-depth2", "conv-overlap"],
+    ids=["linear-cls-learned", "conv-mean-sincos", "dropout-depth2", "conv-overlap", "stem"],
 )
 def test_tiny_vit_with_loss_matches_finite_differences(variant):
     cfg = ViTConfig(**{**TINY, **variant})
@@ -60,7 +61,8 @@ def test_default_preset_parameter_count_and_names():
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(patch_embed="conv", pos_embed="sincos"),
-                                     dict(patch_embed="conv", patch_overlap=2)])
+                                     dict(patch_embed="conv", patch_overlap=2),
+                                     dict(patch_embed="stem", patch_size=2)])
 def test_every_parameter_is_a_view_into_the_flat_buffer(variant):
     model = VisionTransformer(ViTConfig(**{**TINY, **variant}))
     store = model.store
@@ -74,6 +76,22 @@ def test_every_parameter_is_a_view_into_the_flat_buffer(variant):
         covered[spec.offset : spec.offset + spec.size] = True
     assert covered.all(), "gap in the flat buffer"
     assert expected_num_params(model.cfg) == store.numel
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(patch_embed="conv", patch_overlap=1),
+                                     dict(patch_embed="stem")])
+def test_backward_without_input_grad_gives_the_same_parameter_gradients(variant):
+    """Training skips d(images); every parameter gradient is unchanged by that."""
+    model = VisionTransformer(ViTConfig(**{**TINY, **variant}), dtype=np.float64, seed=2)
+    x = np.random.default_rng(0).standard_normal((4, 1, 8, 8))
+    grads = []
+    for input_grad in (True, False):
+        model.store.zero_grad()
+        dx = model.backward(np.ones((4, 3)) - 3 * model.forward(x, train=True),
+                            input_grad=input_grad)
+        assert (dx is None) == (not input_grad)
+        grads.append(model.store.flat_grads.copy())
+    assert np.array_equal(grads[0], grads[1]) and np.abs(grads[0]).max() > 0
 
 
 def test_output_shapes_and_dtypes():
@@ -136,3 +154,16 @@ def test_init_follows_the_jax_vit(patch_embed):
     assert (p["norm.weight"] == 1).all() and not p["norm.bias"].any()
     again = VisionTransformer(ViTConfig(patch_embed=patch_embed), dtype=np.float64, seed=1)
     assert np.array_equal(again.store.flat_params, model.store.flat_params)
+
+
+def test_stem_init_is_he_then_lecun():
+    """The stem conv before the ReLU is He-normal, the last one (the patch projection)
+    lecun-normal, as the linear patch embedding."""
+    cfg = ViTConfig(patch_embed="stem")
+    p = VisionTransformer(cfg, dtype=np.float64, seed=1).store.named_params()
+    assert p["patch_embed.stem.0.weight"].shape == (32, 1, 3, 3)
+    assert p["patch_embed.stem.0.weight"].std() == pytest.approx(np.sqrt(2 / 9), rel=0.1)
+    assert p["patch_embed.proj.weight"].shape == (64, 32, 3, 3)
+    assert p["patch_embed.proj.weight"].std() == pytest.approx(1 / np.sqrt(288), rel=0.05)
+    assert not p["patch_embed.stem.0.bias"].any()
+    assert VisionTransformer(cfg).num_params() == expected_num_params(cfg) == 223_690

@@ -22,10 +22,16 @@ F = torch.nn.functional
 def torch_vit(params: dict[str, torch.Tensor], x: torch.Tensor, cfg: ViTConfig) -> torch.Tensor:
     """The timm ViT forward written with torch ops over dpvit's named parameters."""
     B = x.shape[0]
-    k = cfg.patch_size + 2 * cfg.patch_overlap
-    w = params["patch_embed.proj.weight"].reshape(cfg.embed_dim, cfg.in_chans, k, k)
-    h = F.conv2d(x, w, params["patch_embed.proj.bias"], stride=cfg.patch_size,
-                 padding=cfg.patch_overlap)
+    if cfg.patch_embed == "stem":  # conv 3x3/2, ReLU, conv 3x3/2 for patch_size 4
+        h = F.relu(F.conv2d(x, params["patch_embed.stem.0.weight"],
+                            params["patch_embed.stem.0.bias"], stride=2, padding=1))
+        h = F.conv2d(h, params["patch_embed.proj.weight"], params["patch_embed.proj.bias"],
+                     stride=2, padding=1)
+    else:
+        k = cfg.patch_size + 2 * cfg.patch_overlap
+        w = params["patch_embed.proj.weight"].reshape(cfg.embed_dim, cfg.in_chans, k, k)
+        h = F.conv2d(x, w, params["patch_embed.proj.bias"], stride=cfg.patch_size,
+                     padding=cfg.patch_overlap)
     h = h.flatten(2).transpose(1, 2)
     h = torch.cat([params["cls_token"].expand(B, -1, -1), h], dim=1) + params["pos_embed"]
     H, D = cfg.num_heads, cfg.embed_dim
@@ -50,8 +56,9 @@ def torch_vit(params: dict[str, torch.Tensor], x: torch.Tensor, cfg: ViTConfig) 
     return F.linear(h[:, 0], params["head.weight"], params["head.bias"])
 
 
-@pytest.mark.parametrize("variant", [{}, {"patch_embed": "conv", "patch_overlap": 2}],
-                         ids=["default", "overlapping-conv-patches"])
+@pytest.mark.parametrize("variant", [{}, {"patch_embed": "conv", "patch_overlap": 2},
+                                     {"patch_embed": "stem"}],
+                         ids=["default", "overlapping-conv-patches", "conv-stem"])
 def test_default_vit_logits_and_gradients_match_torch(variant):
     cfg = ViTConfig(depth=2, **variant)
     model = VisionTransformer(cfg, dtype=np.float64, seed=3)

@@ -57,14 +57,24 @@ def resolve_data_dir(name: str, data_dir: str | None) -> Path:
     ``/datasets/fashion-mnist`` instead of misreading the MNIST files.
     """
     get_info(name)
-    if data_dir is None:
-        data_dir = os.environ.get("DPVIT_DATA_DIR") or str(Path("data") / name)
-    path = Path(data_dir).expanduser()
+    path = _requested_dir(name, data_dir)
     if (path / name).is_dir():
         return path / name
-    if path.name != name and path.name in DATASETS:
+    if _names_another_dataset(name, path):
         return path.parent / name
     return path
+
+
+def _requested_dir(name: str, data_dir: str | None) -> Path:
+    """``data_dir``, else ``$DPVIT_DATA_DIR``, else ``data/<name>``."""
+    if data_dir is None:
+        data_dir = os.environ.get("DPVIT_DATA_DIR") or str(Path("data") / name)
+    return Path(data_dir).expanduser()
+
+
+def _names_another_dataset(name: str, path: Path) -> bool:
+    """True if ``path`` is the directory of another known dataset (read as a sibling)."""
+    return path.name != name and path.name in DATASETS and not (path / name).is_dir()
 
 
 def cache_dir() -> Path:
@@ -214,7 +224,10 @@ def _prepare_here(name: str, data_dir: str | None, download: bool, **kwargs: Any
     # cannot be downloaded.
     if not download:
         locate_idx_files(info, ddir, download=False)
-    home = ddir if _dir_is_writable(ddir) else cache_dir()
+    # A sibling derived from another dataset's directory is used if it exists, but never
+    # created: that would write into a dataset tree the user only pointed at for MNIST.
+    may_create = not _names_another_dataset(name, _requested_dir(name, data_dir))
+    home = ddir if (ddir.is_dir() or may_create) and _dir_is_writable(ddir) else cache_dir()
     home.mkdir(parents=True, exist_ok=True)
     store_path = home / f"{name}.h5"
     with _file_lock(home / f".{name}.h5.lock"):

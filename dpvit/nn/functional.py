@@ -40,8 +40,10 @@ def linear_bwd(
 
 # ---------------------------------------------------------------------------------------------
 # Convolution through im2col: the (kh, kw) window of every output pixel becomes a row of a
-# matrix, so the convolution is one GEMM. The windows are a strided view; only the reshape to
-# 2-D copies.
+# matrix, so the convolution is one GEMM. Both work channels-last, (B, H, W, C): a window row
+# (ki, kj, c) then holds runs of kw * C contiguous numbers, which numpy copies four to five
+# times faster than the channels-first runs of kw (measured on the 32-channel stem conv), and
+# the GEMM's (B*Ho*Wo, O) output already is the next layer's channels-last input.
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -50,46 +52,44 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 
 
 def im2col(x: np.ndarray, kh: int, kw: int, stride: int, padding: int) -> np.ndarray:
-    """(B, C, H, W) -> (B*Ho*Wo, C*kh*kw), rows ordered (b, i, j), columns (c, ki, kj)."""
-    B, C, H, W = x.shape
+    """(B, H, W, C) -> (B*Ho*Wo, kh*kw*C), rows ordered (b, i, j), columns (ki, kj, c)."""
+    B, H, W, C = x.shape
     if padding:
-        x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+        padded = np.zeros((B, H + 2 * padding, W + 2 * padding, C), dtype=x.dtype)
+        padded[:, padding:-padding, padding:-padding] = x
+        x = padded
     Ho = conv_output_size(H, kh, stride, padding)
     Wo = conv_output_size(W, kw, stride, padding)
-    sb, sc, sh, sw = x.strides
+    sb, sh, sw, sc = x.strides
     windows = as_strided(
         x,
-        shape=(B, Ho, Wo, C, kh, kw),
-        strides=(sb, sh * stride, sw * stride, sc, sh, sw),
+        shape=(B, Ho, Wo, kh, kw, C),
+        strides=(sb, sh * stride, sw * stride, sh, sw, sc),
         writeable=False,
     )
-    return windows.reshape(B * Ho * Wo, C * kh * kw)
+    return windows.reshape(B * Ho * Wo, kh * kw * C)
 
 
 def col2im(
     cols: np.ndarray, x_shape: tuple[int, ...], kh: int, kw: int, stride: int, padding: int
 ) -> np.ndarray:
-    """Adjoint of ``im2col``: sums every window's gradient back into (B, C, H, W).
+    """Adjoint of ``im2col``: sums every window's gradient back into (B, H, W, C).
 
     Loops over the kh*kw kernel offsets (never over pixels); each iteration is one strided
-    add over all images, channels and output positions.
+    add over all images, output positions and channels.
     """
-    B, C, H, W = x_shape
+    B, H, W, C = x_shape
     Ho = conv_output_size(H, kh, stride, padding)
     Wo = conv_output_size(W, kw, stride, padding)
-    windows = cols.reshape(B, Ho, Wo, C, kh, kw).transpose(0, 3, 4, 5, 1, 2)
-    dx = np.zeros((B, C, H + 2 * padding, W + 2 * padding), dtype=cols.dtype)
-    if stride == kh and stride == kw:  # non-overlapping windows (patch embedding): one scatter
-        dx6 = dx[:, :, : Ho * kh, : Wo * kw].reshape(B, C, Ho, kh, Wo, kw)
-        dx6 += windows.transpose(0, 1, 4, 2, 5, 3)
-    else:
-        for i in range(kh):
-            for j in range(kw):
-                dx[:, :, i : i + stride * Ho : stride, j : j + stride * Wo : stride] += windows[
-                    :, :, i, j
-                ]
+    windows = cols.reshape(B, Ho, Wo, kh, kw, C)
+    dx = np.zeros((B, H + 2 * padding, W + 2 * padding, C), dtype=cols.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            dx[:, i : i + stride * Ho : stride, j : j + stride * Wo : stride] += windows[
+                :, :, :, i, j
+            ]
     if padding:
-        dx = dx[:, :, padding:-padding, padding:-padding]
+        dx = dx[:, padding:-padding, padding:-padding]
     return dx
 
 

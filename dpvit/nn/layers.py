@@ -74,10 +74,15 @@ class Linear(Layer):
 class Conv2d(Layer):
     """2-D convolution (B, C, H, W) -> (B, O, Ho, Wo) as one im2col GEMM.
 
+    Inputs and outputs are (B, C, H, W) arrays as in torch, but the output is a view of
+    channels-last (B, Ho, Wo, O) memory, which is what ``im2col`` reads fastest: a stack of
+    convolutions never converts between layouts.
+
     Args:
         in_channels, out_channels: C and O.
         kernel_size: square kernel side k; the weight is (O, C, k, k) as in torch.
         stride, padding: as in torch (zero padding on all four sides).
+        bias: whether to add a learned bias per output channel.
     """
 
     def __init__(
@@ -102,27 +107,36 @@ class Conv2d(Layer):
         if bias:
             self.declare("bias", (out_channels,), no_weight_decay=True)
 
+    def _weight_2d(self) -> np.ndarray:
+        """The (O, C, k, k) weight as (O, k*k*C), the column order of ``F.im2col``."""
+        return self.params["weight"].transpose(0, 2, 3, 1).reshape(self.out_channels, -1)
+
     def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
         B, C, H, W = x.shape
         if self.in_channels != C:
             raise ValueError(f"Conv2d expects {self.in_channels} input channels, got {C}")
         Ho = F.conv_output_size(H, self.k, self.stride, self.padding)
         Wo = F.conv_output_size(W, self.k, self.stride, self.padding)
-        cols = F.im2col(x, self.k, self.k, self.stride, self.padding)
-        w2d = self.params["weight"].reshape(self.out_channels, -1)
-        y = F.linear_fwd(cols, w2d, self.params.get("bias"))
-        self.cache = (cols, x.shape)
+        x_last = x.transpose(0, 2, 3, 1)
+        cols = F.im2col(x_last, self.k, self.k, self.stride, self.padding)
+        y = F.linear_fwd(cols, self._weight_2d(), self.params.get("bias"))
+        self.cache = (cols, x_last.shape)
         return y.reshape(B, Ho, Wo, self.out_channels).transpose(0, 3, 1, 2)
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """Accumulates the weight and bias gradients; returns d(input) unless ``input_grad``
+        is False (the input is the image), which skips a GEMM and the col2im scatter."""
         cols, x_shape = self._take_cache()
         dy2d = dy.transpose(0, 2, 3, 1).reshape(-1, self.out_channels)
-        w2d = self.params["weight"].reshape(self.out_channels, -1)
-        dcols, dw, db = F.linear_bwd(dy2d, cols, w2d)
-        self.grads["weight"] += dw.reshape(self.grads["weight"].shape)
+        k, C, O = self.k, self.in_channels, self.out_channels
+        self.grads["weight"] += (dy2d.T @ cols).reshape(O, k, k, C).transpose(0, 3, 1, 2)
         if self.has_bias:
-            self.grads["bias"] += db
-        return F.col2im(dcols, x_shape, self.k, self.k, self.stride, self.padding)
+            self.grads["bias"] += np.ones(dy2d.shape[0], dtype=dy2d.dtype) @ dy2d
+        if not input_grad:
+            return None
+        dcols = dy2d @ self._weight_2d()
+        dx = F.col2im(dcols, x_shape, k, k, self.stride, self.padding)
+        return dx.transpose(0, 3, 1, 2)
 
 
 class LayerNorm(Layer):
