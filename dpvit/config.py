@@ -77,7 +77,7 @@ class ViTConfig:
             )
         if self.patch_embed == "stem" and (self.patch_size < 2
                                            or self.patch_size & (self.patch_size - 1)
-                                           or self.embed_dim % max(self.patch_size // 2, 1)):
+                                           or self.embed_dim % (self.patch_size // 2)):
             raise ConfigError(f"a stem patch embedding needs patch_size a power of 2 >= 2 "
                               f"(one stride-2 conv per halving) and embed_dim divisible by "
                               f"patch_size / 2; got {self.patch_size} and {self.embed_dim}")

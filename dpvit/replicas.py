@@ -35,11 +35,12 @@ ShareStep = Callable[[VisionTransformer, np.ndarray, np.ndarray, np.ndarray],
 #: Most images one replica runs through forward and backward at a time. A larger part is cut
 #: into contiguous micro-batches whose gradients add up in the replica's buffer: the same sum
 #: in another order, as with ranks and threads. 32 images make activations of 0.4 MB per
-#: (tokens x D) tensor and 1.3 MB of attention scores, which stay in the core's caches from one
-#: layer to the next where 128 images' do not: at 128 images per rank, `mpirun -n 2 python -m
-#: dpvit.bench` measured 565-631 images/s with whole parts (--micro-batch 0), 686-779 with 16,
-#: 684-823 with 32 and 632 with 64, and peak memory fell from 243 to 118 MiB per rank. The
-#: training recipes (64 images per global batch) never reach it: it matters for large batches.
+#: (tokens x D) tensor and 1.3 MB of attention scores, a quarter of 128 images', so more of
+#: each layer's output is still in the caches when the next layer reads it: at 128 images per
+#: rank, `mpirun -n 2 python -m dpvit.bench` measured 565-631 images/s with whole parts
+#: (--micro-batch 0), 686-779 with 16, 691-823 with 32 and 632 with 64 (2026-11-30), and
+#: peak memory fell from 243 to 118 MiB per rank. The training recipes (64 images per global
+#: batch) never reach it: it matters for larger batches.
 MICRO_BATCH = 32
 
 

@@ -49,7 +49,7 @@ class PatchEmbed(Layer):
     transformers see better") without its batch norms, which data parallelism would have to
     synchronise: log2(p) 3x3 convolutions of stride 2 and padding 1, ReLU between them, the
     channels doubling up to D (1 -> D/2 -> D for p = 4). Each token then sees a (2p - 1) px
-    window through two nonlinear layers, for about 6% more FLOPs than the linear embedding at
+    window through a nonlinear feature map, for about 8% more FLOPs than the linear embedding at
     the default shape.
     """
 
