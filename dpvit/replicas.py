@@ -107,7 +107,7 @@ class Replicas:
 
     def _micro_batches(self, part: np.ndarray) -> list[np.ndarray]:
         """``part`` cut into near-equal contiguous pieces of at most ``micro_batch``."""
-        if not self.micro_batch or len(part) <= self.micro_batch:
+        if not self.micro_batch:
             return [part]
         return np.array_split(part, -(-len(part) // self.micro_batch))
 

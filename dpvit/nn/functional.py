@@ -27,15 +27,16 @@ def linear_fwd(x2d: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> 
 
 
 def linear_bwd(
-    dy2d: np.ndarray, x2d: np.ndarray, weight: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gradients of ``linear_fwd``: (dx (M, I), dW (O, I), db (O,)).
+    dy2d: np.ndarray, x2d: np.ndarray, weight: np.ndarray, input_grad: bool = True
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Gradients of ``linear_fwd``: (dx (M, I), dW (O, I), db (O,)); dx is None (its GEMM
+    skipped) without ``input_grad``.
 
     The bias gradient is a GEMV with a vector of ones: a column sum in BLAS, cheaper than
     ``sum(axis=0)``.
     """
     db = np.ones(dy2d.shape[0], dtype=dy2d.dtype) @ dy2d
-    return dy2d @ weight, dy2d.T @ x2d, db
+    return (dy2d @ weight if input_grad else None), dy2d.T @ x2d, db
 
 
 # ---------------------------------------------------------------------------------------------

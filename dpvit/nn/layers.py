@@ -129,14 +129,13 @@ class Conv2d(Layer):
         cols, x_shape = self._take_cache()
         dy2d = dy.transpose(0, 2, 3, 1).reshape(-1, self.out_channels)
         k, C, O = self.k, self.in_channels, self.out_channels
-        self.grads["weight"] += (dy2d.T @ cols).reshape(O, k, k, C).transpose(0, 3, 1, 2)
+        dcols, dw, db = F.linear_bwd(dy2d, cols, self._weight_2d(), input_grad)
+        self.grads["weight"] += dw.reshape(O, k, k, C).transpose(0, 3, 1, 2)
         if self.has_bias:
-            self.grads["bias"] += np.ones(dy2d.shape[0], dtype=dy2d.dtype) @ dy2d
-        if not input_grad:
+            self.grads["bias"] += db
+        if dcols is None:
             return None
-        dcols = dy2d @ self._weight_2d()
-        dx = F.col2im(dcols, x_shape, k, k, self.stride, self.padding)
-        return dx.transpose(0, 3, 1, 2)
+        return F.col2im(dcols, x_shape, k, k, self.stride, self.padding).transpose(0, 3, 1, 2)
 
 
 class LayerNorm(Layer):
