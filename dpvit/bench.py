@@ -3,7 +3,8 @@
     python -m dpvit.bench                         # this process (all cores)
     mpirun -n 2 python -m dpvit.bench --json      # two ranks, one BLAS thread each
     python -m dpvit.bench --compare-torch --ranks 2   # dpvit vs PyTorch DDP (gloo), same run
-    python -m dpvit.bench --scaling               # -n 1 (1 thread), 1 process, -n 2, -n 4
+    python -m dpvit.bench --scaling               # -n 1 (1 thread), 1 process, -n 2, -n 4;
+                                                  # --batch-size images per replica in each
 
 The step measured is a full training step on a fixed synthetic batch (forward, loss, backward,
 gradient allreduce, clipping, AdamW), the same work ``../shared/bench/torch_vit_ref.py``
@@ -138,10 +139,13 @@ def _run(cmd: list[str], env: dict[str, str]) -> str:
     return done.stdout
 
 
-def dpvit_job(args: argparse.Namespace, ranks: int | None, threads: int) -> float:
-    """images/s of ``python -m dpvit.bench`` with ``ranks`` (None: no mpirun)."""
+def dpvit_job(args: argparse.Namespace, ranks: int | None, threads: int,
+              batch_size: int | None = None) -> float:
+    """images/s of ``python -m dpvit.bench`` with ``ranks`` (None: no mpirun) and
+    ``batch_size`` images per rank (default ``--batch-size``)."""
     cmd = [sys.executable, "-m", "dpvit.bench", "--json", "--no-layers",
-           "--batch-size", str(args.batch_size), "--micro-batch", str(args.micro_batch),
+           "--batch-size", str(batch_size or args.batch_size),
+           "--micro-batch", str(args.micro_batch),
            "--steps", str(args.steps),
            "--repeats", str(args.repeats), "--dim", str(args.dim), "--depth", str(args.depth),
            "--heads", str(args.heads), "--mlp-ratio", str(args.mlp_ratio),
@@ -189,9 +193,14 @@ def comparison_jobs(args: argparse.Namespace) -> tuple[dict[str, Any], list[tupl
     """The jobs to run and the (numerator, denominator) ratios to print."""
     cores = available_cores()
     if args.scaling:
+        # Every job runs --batch-size images per model replica (a rank, or a replica thread of
+        # the lone process), as training splits one global batch: the lone process gets the
+        # batch of `cores` ranks, so it synchronises its threads as often per image as -n 2
+        # does its ranks.
         jobs = {
             "dpvit -n 1 x 1 thread": partial(dpvit_job, args, 1, 1),
-            f"dpvit 1 process x {cores} threads": partial(dpvit_job, args, None, cores),
+            f"dpvit 1 process x {cores} threads": partial(dpvit_job, args, None, cores,
+                                                          args.batch_size * cores),
             "dpvit -n 2 x 1 thread": partial(dpvit_job, args, 2, 1),
             "dpvit -n 4 x 1 thread": partial(dpvit_job, args, 4, 1),
         }
@@ -215,7 +224,9 @@ def main_body(comm: Comm, argv: list[str] | None) -> int:
         rates = compare(args, jobs)
         result = {"images_per_s": rates,
                   "ratios": {f"{a} / {b}": rates[a] / rates[b] for a, b in ratios}}
-        text = "\n".join([*(f"{k:<36} {v:8.0f} images/s" for k, v in rates.items()),
+        header = ([f"{args.batch_size} images per model replica (rank or thread) per step"]
+                  if args.scaling else [])
+        text = "\n".join([*header, *(f"{k:<36} {v:8.0f} images/s" for k, v in rates.items()),
                           *(f"{k}: {v:.2f}x" for k, v in result["ratios"].items())])
     else:
         result = measure(comm, args)

@@ -11,6 +11,7 @@ import json
 import pytest
 from helpers import run_dpvit
 
+from dpvit import bench
 from dpvit.config import ViTConfig
 from dpvit.profiling import forward_flops_per_image
 
@@ -54,6 +55,27 @@ def test_compare_torch_prints_a_ratio():
     out = _json(result)
     (name, ratio), = out["ratios"].items()
     assert name == "dpvit -n 2 x 1 thread(s) / torch DDP 2 x 1 thread(s)" and ratio > 0
+
+
+def test_scaling_runs_the_same_batch_per_replica(monkeypatch):
+    """The lone process gets one rank's batch per thread, as training splits a global batch."""
+    commands = []
+
+    def fake_run(cmd, env):
+        commands.append((cmd, env))
+        return json.dumps({"images_per_s": 100.0})
+
+    monkeypatch.setattr(bench, "available_cores", lambda: 3)
+    monkeypatch.setattr(bench, "_run", fake_run)
+    jobs, ratios = bench.comparison_jobs(bench.parse_args(["--scaling", "--batch-size", "16"]))
+    for job in jobs.values():
+        assert job() == 100.0
+    batches = {name: int(cmd[cmd.index("--batch-size") + 1])
+               for name, (cmd, _) in zip(jobs, commands, strict=True)}
+    assert batches == {"dpvit -n 1 x 1 thread": 16, "dpvit 1 process x 3 threads": 48,
+                       "dpvit -n 2 x 1 thread": 16, "dpvit -n 4 x 1 thread": 16}
+    assert commands[1][1] == {"DPVIT_NUM_THREADS": "3"} and "-n" not in commands[1][0]
+    assert ("dpvit 1 process x 3 threads", "dpvit -n 2 x 1 thread") in ratios
 
 
 def test_bad_bench_flag_is_one_clear_line():
