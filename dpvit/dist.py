@@ -425,6 +425,13 @@ def debug_requested(argv: list[str] | None = None) -> bool:
     return "--debug" in args or os.environ.get("DPVIT_DEBUG", "") not in ("", "0")
 
 
+def help_requested(argv: list[str] | None = None) -> bool:
+    """True when the command line asks for the usage text (`-h` / `--help`), which is then
+    all a command prints."""
+    args = sys.argv[1:] if argv is None else argv
+    return "-h" in args or "--help" in args
+
+
 def launcher_rank(environ: dict[str, str] | None = None) -> int:
     """This process's rank as the launcher numbered it (0 without a launcher), read from the
     environment so that it is known without initialising MPI."""
@@ -462,7 +469,8 @@ def run_main(main: Callable[[Comm], int | None], argv: list[str] | None = None,
     comm = init_comm(force_local=single_process)
     setup_logging(comm, debug=debug)
     try:
-        configure_threads(comm)
+        if not help_requested(argv):  # the usage text alone, without the thread log line
+            configure_threads(comm)
         keep_freed_memory()
         code = main(comm)
         return 0 if code is None else int(code)

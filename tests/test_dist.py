@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import mpirun as find_mpirun
+from helpers import run_dpvit
 
 from dpvit import dist
 from dpvit.errors import UserError
@@ -111,6 +112,13 @@ def test_run_main_local_errors(caplog, restore_process_state):
     assert "config file x.toml: unknown key 'lrr'" in messages
     assert any("unexpected ZeroDivisionError" in m and "--debug" in m for m in messages)
     assert not any(r.exc_info for r in caplog.records)
+
+
+@pytest.mark.parametrize("command", ["train", "bench", "evaluate"])
+def test_help_is_the_usage_alone(command):
+    result = run_dpvit(command, ["--help"])
+    assert result.returncode == 0 and result.stdout.startswith("usage:")
+    assert result.stderr == ""
 
 
 def _mpirun(n, mode, tmp_path):
