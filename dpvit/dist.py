@@ -60,6 +60,10 @@ ABORT_GRACE_S = 0.2
 #: long enough that the sleeping ranks cost their cores nothing.
 SLEEPING_POLL_S = 1e-3
 
+#: How long a rank on a host with more ranks than cores sleeps between polls of the gradient
+#: allreduce: a fraction of the tens of milliseconds by which ranks finish their shares apart.
+OVERSUBSCRIBED_POLL_S = 1e-4
+
 #: Environment variables that tell child processes and BLAS libraries how many threads to use.
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -222,6 +226,10 @@ class MPIComm(Comm):
 
     Args:
         comm: The mpi4py communicator to wrap; None means MPI.COMM_WORLD.
+
+    Attributes:
+        oversubscribed: More ranks on this host than cores this process may use; then
+            `allreduce_sum_` waits asleep.
     """
 
     def __init__(self, comm: Any = None) -> None:
@@ -236,6 +244,7 @@ class MPIComm(Comm):
         self.local_size = node.Get_size()
         node.Free()
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+        self.oversubscribed = self.local_size > available_cores()
 
     def barrier(self) -> None:
         """Block until every rank has called `barrier`."""
@@ -243,9 +252,7 @@ class MPIComm(Comm):
 
     def sleeping_barrier(self) -> None:
         """`Ibarrier`, tested every millisecond with a sleep in between."""
-        request = self._comm.Ibarrier()
-        while not request.Test():
-            time.sleep(SLEEPING_POLL_S)
+        _wait_asleep(self._comm.Ibarrier(), SLEEPING_POLL_S)
 
     def broadcast_(self, buf: np.ndarray, root: int = 0) -> None:
         """Overwrite `buf` in place with `root`'s contents (one `Bcast`, no copy)."""
@@ -254,9 +261,19 @@ class MPIComm(Comm):
         self._comm.Bcast(buf, root=root)
 
     def allreduce_sum_(self, buf: np.ndarray) -> None:
-        """`Allreduce(IN_PLACE, buf, SUM)`: one call, no copy, never pickled."""
+        """`Allreduce(IN_PLACE, buf, SUM)`: one call, no copy, never pickled.
+
+        With more ranks than cores on the host, a rank that has finished its share would spin
+        inside `Allreduce` on a core that a rank still computing needs; it waits in
+        `Iallreduce` instead, asleep between tests, and hands the core over. MPICH sums in the
+        same order either way (bit-identical results at 2 and 4 ranks).
+        """
         _check_contiguous(buf)
-        self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+        if self.oversubscribed:
+            request = self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+            _wait_asleep(request, OVERSUBSCRIBED_POLL_S)
+        else:
+            self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
 
     def _allreduce_small(self, value: Any, op: str) -> Any:
         if isinstance(value, np.ndarray):
@@ -300,6 +317,12 @@ class MPIComm(Comm):
         time.sleep(ABORT_GRACE_S)  # let the launcher forward this rank's last message
         self._MPI.COMM_WORLD.Abort(code)
         os._exit(code)  # Abort does not return; this only satisfies NoReturn.
+
+
+def _wait_asleep(request: Any, poll_s: float) -> None:
+    """Complete an MPI request, sleeping ``poll_s`` between tests instead of spinning."""
+    while not request.Test():
+        time.sleep(poll_s)
 
 
 def _check_root(root: int, size: int) -> None:

@@ -28,6 +28,17 @@ def collectives(comm: Comm) -> None:
     grads = np.full(206_000, r + 1, dtype=np.float32)
     comm.allreduce_sum_(grads)
     assert np.all(grads == n * (n + 1) / 2), grads[:4]
+    # waiting asleep in Iallreduce (hosts with more ranks than cores) sums bit for bit as
+    # Allreduce does, so the number of cores never changes a training run
+    rng = np.random.default_rng(r)
+    noisy = (rng.standard_normal(206_000) * 10.0 ** rng.uniform(-4, 4, 206_000)).astype(np.float32)
+    sums = []
+    for asleep in (False, True):
+        comm.oversubscribed = asleep
+        sums.append(noisy.copy())
+        comm.allreduce_sum_(sums[-1])
+    np.testing.assert_array_equal(sums[0], sums[1])
+    comm.check_identical(sums[1], "sums waited for asleep")
 
     assert comm.allreduce_sum(r) == n * (n - 1) // 2
     assert isinstance(comm.allreduce_sum(1.5), float) and comm.allreduce_sum(1.5) == 1.5 * n
