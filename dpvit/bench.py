@@ -10,7 +10,8 @@ The step measured is a full training step on a fixed synthetic batch (forward, l
 gradient allreduce, clipping, AdamW), the same work ``../shared/bench/torch_vit_ref.py``
 times, so the two numbers compare directly. ``--compare-torch`` and ``--scaling`` start their
 own jobs (mpirun, torchrun) one after another, interleaved over ``--rounds``, so every number
-in their table comes from the same run on the same machine.
+in their table comes from the same run on the same machine; a ratio is the median of the
+rounds' ratios.
 """
 
 from __future__ import annotations
@@ -179,14 +180,21 @@ def torch_job(args: argparse.Namespace, ranks: int, threads: int) -> float:
     return float(match.group(1))
 
 
-def compare(args: argparse.Namespace, jobs: dict[str, Any]) -> dict[str, float]:
-    """Median images/s of each job over interleaved rounds."""
+def compare(args: argparse.Namespace, jobs: dict[str, Any]) -> dict[str, list[float]]:
+    """images/s of each job in each of the interleaved rounds."""
     rates: dict[str, list[float]] = {name: [] for name in jobs}
     for _ in range(args.rounds):
         for name, job in jobs.items():
             rates[name].append(job())
             logger.info("%-28s %8.0f images/s", name, rates[name][-1])
-    return {name: statistics.median(values) for name, values in rates.items()}
+    return rates
+
+
+def paired_ratio(rates: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over the rounds of a's images/s over b's in the same round: the jobs of a round
+    run back to back, so each ratio compares them on the machine of the same minutes, which
+    a ratio of medians taken from different rounds would not on a shared machine."""
+    return statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True))
 
 
 def comparison_jobs(args: argparse.Namespace) -> tuple[dict[str, Any], list[tuple[str, str]]]:
@@ -222,12 +230,16 @@ def main_body(comm: Comm, argv: list[str] | None) -> int:
                               "without mpirun (use --ranks N)")
         jobs, ratios = comparison_jobs(args)
         rates = compare(args, jobs)
-        result = {"images_per_s": rates,
-                  "ratios": {f"{a} / {b}": rates[a] / rates[b] for a, b in ratios}}
+        result = {"images_per_s": {k: statistics.median(v) for k, v in rates.items()},
+                  "images_per_s_rounds": rates,
+                  "ratios": {f"{a} / {b}": paired_ratio(rates, a, b) for a, b in ratios}}
         header = ([f"{args.batch_size} images per model replica (rank or thread) per step"]
                   if args.scaling else [])
-        text = "\n".join([*header, *(f"{k:<36} {v:8.0f} images/s" for k, v in rates.items()),
-                          *(f"{k}: {v:.2f}x" for k, v in result["ratios"].items())])
+        text = "\n".join([
+            *header,
+            *(f"{k:<36} {v:8.0f} images/s" for k, v in result["images_per_s"].items()),
+            *(f"{k}: {v:.2f}x (median of the rounds' ratios)"
+              for k, v in result["ratios"].items())])
     else:
         result = measure(comm, args)
         text = format_measurement(result)

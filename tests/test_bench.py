@@ -78,6 +78,14 @@ def test_scaling_runs_the_same_batch_per_replica(monkeypatch):
     assert ("dpvit 1 process x 3 threads", "dpvit -n 2 x 1 thread") in ratios
 
 
+def test_ratios_pair_the_jobs_of_each_round():
+    # the machine was twice as fast in round 2: per-round ratios 2 and 1, while the ratio of
+    # the medians (200 / 175) would mix rounds
+    rates = {"a": [100.0, 300.0], "b": [50.0, 300.0], "c": [1.0, 2.0, 3.0], "d": [1.0] * 3}
+    assert bench.paired_ratio(rates, "a", "b") == 1.5
+    assert bench.paired_ratio(rates, "c", "d") == 2.0
+
+
 def test_bad_bench_flag_is_one_clear_line():
     result = run_dpvit("bench", ["--steps", "0"])
     assert result.returncode == 1
