@@ -62,6 +62,7 @@ SLEEPING_POLL_S = 1e-3
 
 #: How long a rank on a host with more ranks than cores sleeps between polls of the gradient
 #: allreduce: a fraction of the tens of milliseconds by which ranks finish their shares apart.
+#: `mpirun -n 4` training on 2 cores ran 6% faster with it than spinning (README, Performance).
 OVERSUBSCRIBED_POLL_S = 1e-4
 
 #: Environment variables that tell child processes and BLAS libraries how many threads to use.
