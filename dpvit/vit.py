@@ -60,7 +60,7 @@ class PatchEmbed(Layer):
         self.grid = img_size // patch_size
         self.num_patches = self.grid * self.grid
         self.kind = kind
-        self.stem: list[Layer] = []
+        self.convs: list[Layer] = []  # the conv kinds' layers in order, ending with proj
         if overlap and kind != "conv":
             raise ValueError(f"an overlapping patch embedding must be 'conv', got {kind!r}")
         if kind == "linear":
@@ -68,13 +68,15 @@ class PatchEmbed(Layer):
         elif kind == "conv":
             self.proj = self.add("proj", Conv2d(in_chans, embed_dim, patch_size + 2 * overlap,
                                                 patch_size, padding=overlap))
+            self.convs = [self.proj]
         elif kind == "stem":
             widths = stem_widths(in_chans, embed_dim, patch_size)
             for i in range(len(widths) - 2):
-                self.stem.append(self.add(f"stem.{2 * i}", Conv2d(widths[i], widths[i + 1], 3,
-                                                                  2, padding=1)))
-                self.stem.append(self.add(f"stem.{2 * i + 1}", ReLU()))
+                self.convs.append(self.add(f"stem.{2 * i}", Conv2d(widths[i], widths[i + 1], 3,
+                                                                   2, padding=1)))
+                self.convs.append(self.add(f"stem.{2 * i + 1}", ReLU()))
             self.proj = self.add("proj", Conv2d(widths[-2], embed_dim, 3, 2, padding=1))
+            self.convs.append(self.proj)
         else:
             raise ValueError(f"patch_embed must be 'linear', 'conv' or 'stem', got {kind!r}")
 
@@ -84,28 +86,24 @@ class PatchEmbed(Layer):
         if self.kind == "linear":
             patches = x.reshape(B, C, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(B, g * g, -1)
             return self.proj.forward(patches, train)
-        for layer in self.stem:
-            x = layer.forward(x, train)
-        y = self.proj.forward(x, train)  # (B, D, g, g)
-        return y.reshape(B, y.shape[1], g * g).transpose(0, 2, 1)
+        for layer in self.convs:
+            x = layer.forward(x, train)  # ends (B, D, g, g)
+        return x.reshape(B, x.shape[1], g * g).transpose(0, 2, 1)
 
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """Accumulates the gradients; returns d(images), or None without ``input_grad``."""
         B, _, D = dy.shape
         g, p, C = self.grid, self.patch_size, self.in_chans
         if self.kind == "linear":
-            dpatches = self.proj.backward(dy)
-            if not input_grad:
+            dpatches = self.proj.backward(dy, input_grad=input_grad)
+            if dpatches is None:
                 return None
             dpatches = dpatches.reshape(B, g, g, C, p, p)
             return dpatches.transpose(0, 3, 1, 4, 2, 5).reshape(B, C, g * p, g * p)
-        dy_grid = dy.transpose(0, 2, 1).reshape(B, D, g, g)
-        dx = self.proj.backward(dy_grid, input_grad=input_grad or bool(self.stem))
-        if self.stem:
-            for layer in reversed(self.stem[1:]):
-                dx = layer.backward(dx)
-            dx = self.stem[0].backward(dx, input_grad=input_grad)
-        return dx
+        dx = dy.transpose(0, 2, 1).reshape(B, D, g, g)
+        for layer in reversed(self.convs[1:]):
+            dx = layer.backward(dx)
+        return self.convs[0].backward(dx, input_grad=input_grad)  # the conv reading the images
 
 
 def sincos_pos_embed(embed_dim: int, grid: int) -> np.ndarray:
@@ -295,8 +293,9 @@ class VisionTransformer(Layer):
     def backward(self, dlogits: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """Backward through the whole model; accumulates every gradient, returns d(images).
 
-        Training passes ``input_grad=False``: nothing needs d(images) there, and a conv patch
-        embedding then skips its most expensive part, the col2im scatter (None is returned).
+        Training passes ``input_grad=False``: nothing needs d(images) there, and the patch
+        embedding's first layer then skips its d(input) GEMM and, for a conv, its most
+        expensive part, the col2im scatter (None is returned).
         """
         B, T, D = self._take_cache()
         dpooled = self.head.backward(dlogits)

@@ -74,7 +74,7 @@ def _requested_dir(name: str, data_dir: str | None) -> Path:
 
 def _names_another_dataset(name: str, path: Path) -> bool:
     """True if ``path`` is the directory of another known dataset (read as a sibling)."""
-    return path.name != name and path.name in DATASETS and not (path / name).is_dir()
+    return path.name != name and path.name in DATASETS
 
 
 def cache_dir() -> Path:

@@ -62,13 +62,16 @@ class Linear(Layer):
         self.cache = (x2d, x.shape)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """Accumulates the weight and bias gradients; returns d(input) unless ``input_grad``
+        is False (the input is the image patches), which skips its GEMM."""
         x2d, x_shape = self._take_cache()
-        dx, dw, db = F.linear_bwd(dy.reshape(-1, self.out_features), x2d, self.params["weight"])
+        dx, dw, db = F.linear_bwd(dy.reshape(-1, self.out_features), x2d, self.params["weight"],
+                                  input_grad)
         self.grads["weight"] += dw
         if self.has_bias:
             self.grads["bias"] += db
-        return dx.reshape(x_shape)
+        return None if dx is None else dx.reshape(x_shape)
 
 
 class Conv2d(Layer):
