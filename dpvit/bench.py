@@ -120,6 +120,8 @@ def format_measurement(r: dict[str, Any]) -> str:
         f"  images/s      {r['images_per_s']:.0f} (min {r['images_per_s_min']:.0f}, "
         f"max {r['images_per_s_max']:.0f}); step {r['step_ms']:.1f} ms",
         f"  allreduce     {100 * r['allreduce_share']:.1f}% of step time",
+        f"  compute       {r['compute_ms_fastest_rank']:.1f} ms per step on the fastest rank, "
+        f"{r['compute_ms_slowest_rank']:.1f} on the slowest, which the others wait for",
         f"  MFU           {100 * r['mfu']:.1f}% of {r['gemm_peak_gflops_per_rank']:.0f} "
         f"GFLOP/s GEMM peak per rank ({r['train_gflop_per_image']:.3f} GFLOP/image)",
         f"  peak memory   {r['peak_rss_mib_per_rank']:.0f} MiB per rank",
@@ -141,9 +143,9 @@ def _run(cmd: list[str], env: dict[str, str]) -> str:
 
 
 def dpvit_job(args: argparse.Namespace, ranks: int | None, threads: int,
-              batch_size: int | None = None) -> float:
-    """images/s of ``python -m dpvit.bench`` with ``ranks`` (None: no mpirun) and
-    ``batch_size`` images per rank (default ``--batch-size``)."""
+              batch_size: int | None = None) -> dict[str, Any]:
+    """The ``--json`` measurement of ``python -m dpvit.bench`` with ``ranks`` (None: no
+    mpirun) and ``batch_size`` images per rank (default ``--batch-size``)."""
     cmd = [sys.executable, "-m", "dpvit.bench", "--json", "--no-layers",
            "--batch-size", str(batch_size or args.batch_size),
            "--micro-batch", str(args.micro_batch),
@@ -153,11 +155,12 @@ def dpvit_job(args: argparse.Namespace, ranks: int | None, threads: int,
            "--patch-size", str(args.patch_size)]
     if ranks is not None:
         cmd = [find_mpirun(), "-n", str(ranks), *cmd]
-    return json.loads(_run(cmd, {"DPVIT_NUM_THREADS": str(threads)}))["images_per_s"]
+    return json.loads(_run(cmd, {"DPVIT_NUM_THREADS": str(threads)}))
 
 
-def torch_job(args: argparse.Namespace, ranks: int, threads: int) -> float:
-    """images/s of the PyTorch reference: DDP (gloo) over ``ranks`` processes if ranks > 1."""
+def torch_job(args: argparse.Namespace, ranks: int, threads: int) -> dict[str, Any]:
+    """``images_per_s`` of the PyTorch reference: DDP (gloo) over ``ranks`` processes if
+    ranks > 1."""
     try:
         import torch  # noqa: F401  (only to check that it is installed)
     except ImportError:
@@ -177,17 +180,17 @@ def torch_job(args: argparse.Namespace, ranks: int, threads: int) -> float:
     match = re.search(r"images/s=([0-9.]+)", out)
     if match is None:
         raise UserError(f"could not read images/s from the PyTorch reference output: {out!r}")
-    return float(match.group(1))
+    return {"images_per_s": float(match.group(1))}
 
 
-def compare(args: argparse.Namespace, jobs: dict[str, Any]) -> dict[str, list[float]]:
-    """images/s of each job in each of the interleaved rounds."""
-    rates: dict[str, list[float]] = {name: [] for name in jobs}
+def compare(args: argparse.Namespace, jobs: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The measurement of each job in each of the interleaved rounds."""
+    records: dict[str, list[dict[str, Any]]] = {name: [] for name in jobs}
     for _ in range(args.rounds):
         for name, job in jobs.items():
-            rates[name].append(job())
-            logger.info("%-28s %8.0f images/s", name, rates[name][-1])
-    return rates
+            records[name].append(job())
+            logger.info("%-28s %8.0f images/s", name, records[name][-1]["images_per_s"])
+    return records
 
 
 def paired_ratio(rates: dict[str, list[float]], a: str, b: str) -> float:
@@ -222,6 +225,32 @@ def comparison_jobs(args: argparse.Namespace) -> tuple[dict[str, Any], list[tupl
     return jobs, [(ours, theirs)]
 
 
+def summarize_comparison(args: argparse.Namespace, records: dict[str, list[dict[str, Any]]],
+                         ratios: list[tuple[str, str]]) -> tuple[dict[str, Any], str]:
+    """The JSON object and the table of a comparison: each job's median images/s and, for
+    dpvit's jobs, the median forward/backward ms per step of the fastest and the slowest
+    rank (when the slowest is slower, a synchronous step goes at its pace); then the ratios."""
+    rates = {name: [r["images_per_s"] for r in rounds] for name, rounds in records.items()}
+    compute = {name: {rank: [r[f"compute_ms_{rank}_rank"] for r in rounds]
+                      for rank in ("fastest", "slowest")}
+               for name, rounds in records.items() if "compute_ms_slowest_rank" in rounds[0]}
+    result = {"images_per_s": {k: statistics.median(v) for k, v in rates.items()},
+              "images_per_s_rounds": rates,
+              "compute_ms_rounds": compute,
+              "ratios": {f"{a} / {b}": paired_ratio(rates, a, b) for a, b in ratios}}
+    lines = ([f"{args.batch_size} images per model replica (rank or thread) per step"]
+             if args.scaling else [])
+    for name, rate in result["images_per_s"].items():
+        line = f"{name:<36} {rate:8.0f} images/s"
+        if name in compute:
+            ms = {rank: statistics.median(v) for rank, v in compute[name].items()}
+            line += (f"; forward/backward {ms['fastest']:.0f} ms/step on the fastest rank, "
+                     f"{ms['slowest']:.0f} on the slowest")
+        lines.append(line)
+    lines += [f"{k}: {v:.2f}x (median of the rounds' ratios)" for k, v in result["ratios"].items()]
+    return result, "\n".join(lines)
+
+
 def main_body(comm: Comm, argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.compare_torch or args.scaling:
@@ -229,17 +258,7 @@ def main_body(comm: Comm, argv: list[str] | None) -> int:
             raise ConfigError("--compare-torch and --scaling start their own jobs; run them "
                               "without mpirun (use --ranks N)")
         jobs, ratios = comparison_jobs(args)
-        rates = compare(args, jobs)
-        result = {"images_per_s": {k: statistics.median(v) for k, v in rates.items()},
-                  "images_per_s_rounds": rates,
-                  "ratios": {f"{a} / {b}": paired_ratio(rates, a, b) for a, b in ratios}}
-        header = ([f"{args.batch_size} images per model replica (rank or thread) per step"]
-                  if args.scaling else [])
-        text = "\n".join([
-            *header,
-            *(f"{k:<36} {v:8.0f} images/s" for k, v in result["images_per_s"].items()),
-            *(f"{k}: {v:.2f}x (median of the rounds' ratios)"
-              for k, v in result["ratios"].items())])
+        result, text = summarize_comparison(args, compare(args, jobs), ratios)
     else:
         result = measure(comm, args)
         text = format_measurement(result)

@@ -70,11 +70,15 @@ def peak_rss_bytes() -> int:
 
 @dataclass
 class StepTimes:
-    """Seconds per repeat of ``steps`` training steps, and the part spent in the allreduce."""
+    """Seconds per repeat of ``steps`` training steps; seconds in all of them spent in the
+    allreduce (the rank that spent most) and in forward/backward (the fastest and the slowest
+    rank)."""
 
     repeats: list[float]
     allreduce: float
     steps: int
+    compute_fastest: float
+    compute_slowest: float
 
 
 class StepBench:
@@ -101,7 +105,7 @@ class StepBench:
         self.x = rng.random(shape).astype(dtype)
         self.y = rng.integers(0, cfg.num_classes, batch_per_rank)
         self.indices = np.arange(batch_per_rank)
-        self.allreduce_seconds = 0.0
+        self.compute_seconds = self.allreduce_seconds = 0.0
 
     def _share_step(self, model: VisionTransformer, indices: np.ndarray, x: np.ndarray,
                     y: np.ndarray) -> tuple[float, float]:
@@ -112,10 +116,12 @@ class StepBench:
 
     def step(self) -> None:
         store = self.model.store
-        self.replicas.forward_backward(self._share_step, self.indices, self.x, self.y)
         start = time.perf_counter()
+        self.replicas.forward_backward(self._share_step, self.indices, self.x, self.y)
+        reduce_start = time.perf_counter()
         self.comm.allreduce_sum_(store.reduce_buffer)  # as training: gradients + step numbers
-        self.allreduce_seconds += time.perf_counter() - start
+        self.allreduce_seconds += time.perf_counter() - reduce_start
+        self.compute_seconds += reduce_start - start
         clip_grad_norm_(store.flat_grads, 1.0)
         self.optimizer.step()
 
@@ -123,7 +129,7 @@ class StepBench:
         """Time ``repeats`` blocks of ``steps`` steps after ``warmup`` untimed ones."""
         for _ in range(warmup):
             self.step()
-        self.allreduce_seconds = 0.0
+        self.compute_seconds = self.allreduce_seconds = 0.0
         times = []
         for _ in range(repeats):
             self.comm.barrier()
@@ -131,19 +137,25 @@ class StepBench:
             for _ in range(steps):
                 self.step()
             times.append(self.comm.allreduce_max(time.perf_counter() - start))
-        share = self.comm.allreduce_max(self.allreduce_seconds)
-        return StepTimes(times, share, steps)
+        return StepTimes(times, self.comm.allreduce_max(self.allreduce_seconds), steps,
+                         self.comm.allreduce_min(self.compute_seconds),
+                         self.comm.allreduce_max(self.compute_seconds))
 
 
 def summarize(times: StepTimes, images_per_step: int) -> dict[str, float]:
-    """images/s as median and spread over the repeats, plus the allreduce share of time."""
+    """images/s as median and spread over the repeats, the allreduce share of time, and the
+    forward/backward time per step of the fastest and the slowest rank."""
     rates = [images_per_step * times.steps / t for t in times.repeats]
+    steps = times.steps * len(times.repeats)
     return {
         "images_per_s": statistics.median(rates),
         "images_per_s_min": min(rates),
         "images_per_s_max": max(rates),
         "step_ms": 1e3 * statistics.median(times.repeats) / times.steps,
         "allreduce_share": times.allreduce / sum(times.repeats),
+        # ranks compute the same work; a synchronous step goes at the slowest one's pace
+        "compute_ms_fastest_rank": 1e3 * times.compute_fastest / steps,
+        "compute_ms_slowest_rank": 1e3 * times.compute_slowest / steps,
     }
 
 

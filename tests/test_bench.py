@@ -37,6 +37,7 @@ def test_bench_under_mpirun_reports_the_world():
     out = _json(run_dpvit("bench", [*TINY, "--json", "--no-layers"], ranks=2))
     assert out["world_size"] == 2 and out["threads_per_rank"] == 1
     assert 0 <= out["allreduce_share"] < 1
+    assert 0 < out["compute_ms_fastest_rank"] <= out["compute_ms_slowest_rank"] < out["step_ms"]
 
 
 def test_flop_formula_matches_a_hand_count():
@@ -69,7 +70,7 @@ def test_scaling_runs_the_same_batch_per_replica(monkeypatch):
     monkeypatch.setattr(bench, "_run", fake_run)
     jobs, ratios = bench.comparison_jobs(bench.parse_args(["--scaling", "--batch-size", "16"]))
     for job in jobs.values():
-        assert job() == 100.0
+        assert job() == {"images_per_s": 100.0}
     batches = {name: int(cmd[cmd.index("--batch-size") + 1])
                for name, (cmd, _) in zip(jobs, commands, strict=True)}
     assert batches == {"dpvit -n 1 x 1 thread": 16, "dpvit 1 process x 3 threads": 48,
@@ -84,6 +85,25 @@ def test_ratios_pair_the_jobs_of_each_round():
     rates = {"a": [100.0, 300.0], "b": [50.0, 300.0], "c": [1.0, 2.0, 3.0], "d": [1.0] * 3}
     assert bench.paired_ratio(rates, "a", "b") == 1.5
     assert bench.paired_ratio(rates, "c", "d") == 2.0
+
+
+def test_comparison_reports_each_jobs_rank_spread():
+    """dpvit jobs carry their ranks' forward/backward times into the table and the JSON."""
+    def dpvit(rate, fastest, slowest):
+        return {"images_per_s": rate, "compute_ms_fastest_rank": fastest,
+                "compute_ms_slowest_rank": slowest}
+
+    records = {"n2": [dpvit(700.0, 260.0, 340.0), dpvit(760.0, 270.0, 300.0),
+                      dpvit(740.0, 250.0, 320.0)],
+               "torch": [{"images_per_s": 500.0}] * 3}
+    args = bench.parse_args(["--compare-torch"])
+    result, text = bench.summarize_comparison(args, records, [("n2", "torch")])
+    assert result["compute_ms_rounds"] == {"n2": {"fastest": [260.0, 270.0, 250.0],
+                                                  "slowest": [340.0, 300.0, 320.0]}}
+    assert result["images_per_s"] == {"n2": 740.0, "torch": 500.0}
+    assert result["ratios"] == {"n2 / torch": 1.48}
+    assert "forward/backward 260 ms/step on the fastest rank, 320 on the slowest" in text
+    assert "torch" in text.splitlines()[1] and "forward/backward" not in text.splitlines()[1]
 
 
 def test_bad_bench_flag_is_one_clear_line():
