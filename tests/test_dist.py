@@ -76,6 +76,21 @@ def test_configure_threads(restore_process_state):
     assert {pool["num_threads"] for pool in threadpool_info()} == {1}
 
 
+def test_more_ranks_than_cores_are_told_what_is_faster(restore_process_state, monkeypatch,
+                                                        caplog):
+    monkeypatch.setattr(dist, "available_cores", lambda: 2)
+    comm = dist.LocalComm()
+    comm.local_size = 4
+    with caplog.at_level(logging.INFO, logger="dpvit.dist"):
+        assert dist.configure_threads(comm) == 1
+    assert "4 ranks share this host's 2 cores; one rank per core trains faster" in caplog.text
+    caplog.clear()
+    comm.local_size = 2
+    with caplog.at_level(logging.INFO, logger="dpvit.dist"):
+        dist.configure_threads(comm)
+    assert "(2 ranks share this host)" in caplog.text
+
+
 @pytest.fixture
 def restore_process_state(monkeypatch):
     """run_main sets thread env vars, BLAS limits and a root log handler; undo all after."""
