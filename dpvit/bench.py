@@ -120,8 +120,9 @@ def format_measurement(r: dict[str, Any]) -> str:
         f"  images/s      {r['images_per_s']:.0f} (min {r['images_per_s_min']:.0f}, "
         f"max {r['images_per_s_max']:.0f}); step {r['step_ms']:.1f} ms",
         f"  allreduce     {100 * r['allreduce_share']:.1f}% of step time",
-        f"  compute       {r['compute_ms_fastest_rank']:.1f} ms per step on the fastest rank, "
-        f"{r['compute_ms_slowest_rank']:.1f} on the slowest, which the others wait for",
+        f"  compute       {r['compute_ms_fastest_rank']:.1f} ms of forward/backward per step"
+        + (f" on the fastest rank, {r['compute_ms_slowest_rank']:.1f} on the slowest, which "
+           "the others wait for" if r["world_size"] > 1 else ""),
         f"  MFU           {100 * r['mfu']:.1f}% of {r['gemm_peak_gflops_per_rank']:.0f} "
         f"GFLOP/s GEMM peak per rank ({r['train_gflop_per_image']:.3f} GFLOP/image)",
         f"  peak memory   {r['peak_rss_mib_per_rank']:.0f} MiB per rank",
