@@ -380,7 +380,8 @@ def configure_threads(comm: Comm, threads: int | None = None) -> int:
     """Choose this rank's worker threads and give each of them one BLAS/OpenMP thread.
 
     When several ranks share a host each uses one thread (the ranks already fill the
-    cores); a lone process uses every core it may run on, as that many model replicas in
+    cores; with more ranks than cores the log line says that one rank per core is faster); a
+    lone process uses every core it may run on, as that many model replicas in
     threads (`dpvit.replicas`), which this model's small GEMMs suit better than BLAS threads.
     The choice is stored in `comm.threads`; the BLAS limit of 1 is applied with threadpoolctl
     (it persists for the process) and exported in `OMP/OPENBLAS/MKL_NUM_THREADS` for child
@@ -394,19 +395,20 @@ def configure_threads(comm: Comm, threads: int | None = None) -> int:
     Returns:
         The number of worker threads chosen.
     """
+    cores = available_cores()
     if threads is None and os.environ.get("DPVIT_NUM_THREADS"):
         threads = int(os.environ["DPVIT_NUM_THREADS"])
         reason = "DPVIT_NUM_THREADS"
     elif threads is not None:
         reason = "requested"
-    elif comm.local_size > available_cores():
+    elif comm.local_size > cores:
         # measured on 2 cores: -n 4 trained at a median 0.90x -n 2 (README, Performance)
-        threads, reason = 1, (f"{comm.local_size} ranks share this host's {available_cores()} "
-                              "cores; one rank per core trains faster")
+        threads, reason = 1, (f"{comm.local_size} ranks share this host's {cores} cores; "
+                              "one rank per core trains faster")
     elif comm.local_size > 1:
         threads, reason = 1, f"{comm.local_size} ranks share this host"
     else:
-        threads, reason = available_cores(), "one rank on this host"
+        threads, reason = cores, "one rank on this host"
     comm.threads = max(1, threads)
     for name in THREAD_ENV_VARS:
         os.environ[name] = "1"
