@@ -7,8 +7,9 @@ Reads PNG/JPEG (Pillow, the optional extra ``predict``), ``.npy`` arrays and idx
 image is prepared as MNIST digits were (``dpvit.imageio``: grayscale, light-on-dark, fitted
 into 20x20 and centred by mass in 28x28), then the top-k classes and their probabilities are
 printed, or with ``--json`` one JSON object. A file that cannot be read gets one error line
-and the others are still classified; the exit status is then 1. The work is tiny and runs on
-rank 0 (other ranks of an mpirun job do nothing).
+and the others are still classified; the exit status is then 1. The work runs on rank 0 (other
+ranks of an mpirun job do nothing), in batches of ``EVAL_BATCH`` images spread over the rank's
+model replicas, so a lone process scores a whole idx file on every core.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from dpvit.config import CliParser
 from dpvit.data import DATASETS, normalize
 from dpvit.dist import Comm, run_main
 from dpvit.errors import ConfigError, InputError
-from dpvit.evaluate import load_model
+from dpvit.evaluate import EVAL_BATCH, load_model
 from dpvit.imageio import prepare_digit, read_images
+from dpvit.replicas import Replicas
 
 logger = logging.getLogger("dpvit.predict")
 
@@ -46,11 +48,13 @@ def build_parser() -> CliParser:
     return parser
 
 
-def classify(model: Any, names: list[str], mean: float, std: float,
+def classify(replicas: Replicas, names: list[str], mean: float, std: float,
              images: list[tuple[str, np.ndarray]], top_k: int) -> list[dict[str, Any]]:
     """Top-k classes for prepared (28, 28) uint8 images: [{"file", "top_k": [...]}, ...]."""
     x = normalize(np.stack([image for _, image in images]), mean, std)
-    probs = model.predict_proba(x.astype(model.dtype))
+    x = x.astype(replicas.model.dtype)
+    batches = [x[start : start + EVAL_BATCH] for start in range(0, len(x), EVAL_BATCH)]
+    probs = np.concatenate(replicas.map(lambda model, batch: model.predict_proba(batch), batches))
     results = []
     for (name, _), p in zip(images, probs, strict=True):
         best = np.argsort(-p, kind="stable")[:top_k]
@@ -80,7 +84,7 @@ def run(comm: Comm, argv: list[str] | None) -> int:
         except InputError as exc:
             logger.error("%s", exc)
             errors.append({"file": str(path), "error": str(exc)})
-    results = classify(model, names, info.mean, info.std, prepared,
+    results = classify(Replicas(model, comm.threads), names, info.mean, info.std, prepared,
                        min(args.top_k, len(names))) if prepared else []
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "predictions": results,

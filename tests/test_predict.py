@@ -154,3 +154,23 @@ def test_grayscale_conversion_of_arrays():
     with pytest.raises(InputError, match="2-D grayscale or RGB"):
         _to_gray(np.zeros((2, 3, 4, 5)), "x")
 
+
+
+def test_classify_spreads_batches_over_replicas_in_order():
+    """Two replica threads give every image the probabilities one thread gives it, in order."""
+    from dpvit.config import ViTConfig
+    from dpvit.evaluate import EVAL_BATCH
+    from dpvit.predict import classify
+    from dpvit.replicas import Replicas
+    from dpvit.vit import VisionTransformer
+
+    model = VisionTransformer(ViTConfig(embed_dim=16, depth=1, num_heads=2), seed=0)
+    rng = np.random.default_rng(0)
+    images = [(f"img{i}", rng.integers(0, 256, (28, 28), dtype=np.uint8))
+              for i in range(2 * EVAL_BATCH + 5)]  # three batches, the last one short
+    one = classify(Replicas(model, 1), list("0123456789"), 0.13, 0.31, images, 10)
+    two = classify(Replicas(model, 2), list("0123456789"), 0.13, 0.31, images, 10)
+    assert [r["file"] for r in two] == [name for name, _ in images]
+    assert two == one
+    probs = np.array([[t["probability"] for t in r["top_k"]] for r in one])
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
