@@ -81,6 +81,9 @@ class Comm:
         size: Number of processes in the job.
         local_rank: Index among the processes on this host.
         local_size: Number of processes on this host (they share its cores).
+        oversubscribed: More processes on this host than cores this process may use; then
+            `allreduce_sum_` waits asleep, and `configure_threads` says one rank per core is
+            faster.
         threads: Worker threads of this process, each running a model replica
             (`dpvit.replicas`); set by `configure_threads`.
     """
@@ -89,6 +92,7 @@ class Comm:
     size: int = 1
     local_rank: int = 0
     local_size: int = 1
+    oversubscribed: bool = False
     threads: int = 1
 
     @property
@@ -227,10 +231,6 @@ class MPIComm(Comm):
 
     Args:
         comm: The mpi4py communicator to wrap; None means MPI.COMM_WORLD.
-
-    Attributes:
-        oversubscribed: More ranks on this host than cores this process may use; then
-            `allreduce_sum_` waits asleep.
     """
 
     def __init__(self, comm: Any = None) -> None:
@@ -401,7 +401,7 @@ def configure_threads(comm: Comm, threads: int | None = None) -> int:
         reason = "DPVIT_NUM_THREADS"
     elif threads is not None:
         reason = "requested"
-    elif comm.local_size > cores:
+    elif comm.oversubscribed:
         # measured on 2 cores: -n 4 trained at a median 0.90x -n 2 (README, Performance)
         threads, reason = 1, (f"{comm.local_size} ranks share this host's {cores} cores; "
                               "one rank per core trains faster")

@@ -90,8 +90,7 @@ def evaluate_model(replicas: Replicas, images: np.ndarray, labels: np.ndarray, c
         return (plain_ce(logits, labels[idx], denominator=1)[0],
                 logits.argmax(axis=1).astype(np.int64), 1.0 / np.exp(shifted).sum(axis=1))
 
-    batches = [shard[start : start + batch_size] for start in range(0, len(shard), batch_size)]
-    scored = replicas.map(score, batches)
+    scored = replicas.map_batches(score, shard, batch_size)
     loss_sum = float(sum(loss for loss, _, _ in scored))
     preds = np.concatenate([np.zeros(0, np.int64), *(p for _, p, _ in scored)])
     confs = np.concatenate([np.zeros(0, np.float64), *(c for _, _, c in scored)])

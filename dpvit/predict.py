@@ -53,8 +53,8 @@ def classify(replicas: Replicas, names: list[str], mean: float, std: float,
     """Top-k classes for prepared (28, 28) uint8 images: [{"file", "top_k": [...]}, ...]."""
     x = normalize(np.stack([image for _, image in images]), mean, std)
     x = x.astype(replicas.model.dtype)
-    batches = [x[start : start + EVAL_BATCH] for start in range(0, len(x), EVAL_BATCH)]
-    probs = np.concatenate(replicas.map(lambda model, batch: model.predict_proba(batch), batches))
+    probs = np.concatenate(replicas.map_batches(lambda model, batch: model.predict_proba(batch),
+                                                x, EVAL_BATCH))
     results = []
     for (name, _), p in zip(images, probs, strict=True):
         best = np.argsort(-p, kind="stable")[:top_k]

@@ -111,6 +111,13 @@ class Replicas:
             return [part]
         return np.array_split(part, -(-len(part) // self.micro_batch))
 
+    def map_batches(self, fn: Callable[[VisionTransformer, np.ndarray], R], items: np.ndarray,
+                    batch_size: int) -> list[R]:
+        """``fn(model, batch)`` for the consecutive batches of ``batch_size`` items (the last
+        one shorter), spread over the replicas as `map` does; in batch order."""
+        batches = [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
+        return self.map(fn, batches)
+
     def map(self, fn: Callable[[VisionTransformer, T], R], items: Sequence[T]) -> list[R]:
         """``fn(model, item)`` for every item, item i on replica i mod threads; in item order."""
         n = len(self.models)

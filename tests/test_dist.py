@@ -80,12 +80,12 @@ def test_more_ranks_than_cores_are_told_what_is_faster(restore_process_state, mo
                                                         caplog):
     monkeypatch.setattr(dist, "available_cores", lambda: 2)
     comm = dist.LocalComm()
-    comm.local_size = 4
+    comm.local_size, comm.oversubscribed = 4, True
     with caplog.at_level(logging.INFO, logger="dpvit.dist"):
         assert dist.configure_threads(comm) == 1
     assert "4 ranks share this host's 2 cores; one rank per core trains faster" in caplog.text
     caplog.clear()
-    comm.local_size = 2
+    comm.local_size, comm.oversubscribed = 2, False
     with caplog.at_level(logging.INFO, logger="dpvit.dist"):
         dist.configure_threads(comm)
     assert "(2 ranks share this host)" in caplog.text
