@@ -28,9 +28,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from dpvit.config import CliParser, ViTConfig
-from dpvit.dist import Comm, available_cores, find_mpirun, run_main
+from dpvit.cli import CliParser, run_main
 from dpvit.errors import ConfigError, UserError
+from dpvit.parallel.comm import Comm
+from dpvit.parallel.launcher import find_mpirun
+from dpvit.parallel.replicas import MICRO_BATCH
+from dpvit.parallel.threads import available_cores
 from dpvit.profiling import (
     StepBench,
     forward_flops_per_image,
@@ -39,7 +42,7 @@ from dpvit.profiling import (
     peak_rss_bytes,
     summarize,
 )
-from dpvit.replicas import MICRO_BATCH
+from dpvit.vit import ViTConfig
 
 logger = logging.getLogger("dpvit.bench")
 
@@ -252,7 +255,7 @@ def summarize_comparison(args: argparse.Namespace, records: dict[str, list[dict[
     return result, "\n".join(lines)
 
 
-def main_body(comm: Comm, argv: list[str] | None) -> int:
+def run(comm: Comm, argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.compare_torch or args.scaling:
         if comm.size > 1:
@@ -270,7 +273,7 @@ def main_body(comm: Comm, argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (``dpvit-bench``)."""
-    sys.exit(run_main(partial(main_body, argv=argv), argv))
+    sys.exit(run_main(partial(run, argv=argv), argv))
 
 
 if __name__ == "__main__":

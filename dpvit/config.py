@@ -17,8 +17,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from dpvit.cli import CliParser
 from dpvit.data.augment import Augmentation
 from dpvit.errors import ConfigError
+from dpvit.options import option
+from dpvit.vit import ViTConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,113 +31,46 @@ else:  # pragma: no cover - exercised only on Python 3.10
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-def _opt(default: Any, help: str, flag: str | None = None, choices: tuple | None = None):
-    """A dataclass field with its help text, optional short flag name and allowed values."""
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
-
-
-@dataclass
-class ViTConfig:
-    """The model shape. On resume it always comes from the checkpoint."""
-
-    img_size: int = _opt(28, "input image side in pixels")
-    in_chans: int = _opt(1, "input channels")
-    num_classes: int = _opt(10, "number of classes")
-    patch_size: int = _opt(4, "patch side in pixels; must divide img_size")
-    embed_dim: int = _opt(64, "token embedding size D", flag="dim")
-    depth: int = _opt(6, "number of transformer blocks")
-    num_heads: int = _opt(4, "attention heads; must divide embed_dim", flag="heads")
-    mlp_ratio: float = _opt(2.0, "MLP hidden size as a multiple of embed_dim")
-    qkv_bias: bool = _opt(True, "bias on the fused qkv projection")
-    patch_embed: str = _opt("linear", "patch embedding: one linear map per patch, the same as "
-                                      "a conv, or a stem of stride-2 3x3 convs with ReLU",
-                            choices=("linear", "conv", "stem"))
-    patch_overlap: int = _opt(0, "pixels each conv patch window reaches into its neighbours "
-                                 "on every side (kernel patch_size + 2 * overlap, same stride)")
-    pos_embed: str = _opt("learned", "position embedding", choices=("learned", "sincos"))
-    pool: str = _opt("cls", "pooling before the head", choices=("cls", "mean"))
-    drop_rate: float = _opt(0.0, "dropout after attention projection and in the MLP")
-    attn_drop_rate: float = _opt(0.0, "dropout on attention weights")
-
-    @property
-    def patch_window(self) -> int:
-        """Side of the pixel window each patch token sees (its conv kernel)."""
-        return self.patch_size + 2 * self.patch_overlap
-
-    def validate(self) -> None:
-        """Raise ConfigError with one clear sentence for an impossible shape."""
-        for name in ("img_size", "in_chans", "num_classes", "patch_size", "embed_dim", "depth",
-                     "num_heads"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.img_size % self.patch_size:
-            raise ConfigError(
-                f"patch_size ({self.patch_size}) must divide img_size ({self.img_size})"
-            )
-        if self.embed_dim % self.num_heads:
-            raise ConfigError(
-                f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
-            )
-        if self.patch_embed == "stem" and (self.patch_size < 2
-                                           or self.patch_size & (self.patch_size - 1)
-                                           or self.embed_dim % (self.patch_size // 2)):
-            raise ConfigError(f"a stem patch embedding needs patch_size a power of 2 >= 2 "
-                              f"(one stride-2 conv per halving) and embed_dim divisible by "
-                              f"patch_size / 2; got {self.patch_size} and {self.embed_dim}")
-        if self.patch_overlap < 0 or (self.patch_overlap and self.patch_embed != "conv"):
-            raise ConfigError(f"patch_overlap must be 0, or positive with patch_embed conv; got "
-                              f"{self.patch_overlap} with {self.patch_embed} (a linear patch "
-                              "embedding needs --patch-overlap 0)")
-        if self.mlp_ratio <= 0:
-            raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
-        if self.pos_embed == "sincos" and self.embed_dim % 4:
-            raise ConfigError(
-                f"sincos pos_embed needs embed_dim divisible by 4, got {self.embed_dim}")
-        for name in ("drop_rate", "attn_drop_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-
-
 @dataclass
 class TrainConfig:
     """How to train. The learning rate is for the global batch, whatever the rank count."""
 
-    dataset: str = _opt("mnist", "dataset", choices=("mnist", "fashion-mnist"))
-    data_dir: str | None = _opt(None, "dataset directory (default: $DPVIT_DATA_DIR, "
+    dataset: str = option("mnist", "dataset", choices=("mnist", "fashion-mnist"))
+    data_dir: str | None = option(None, "dataset directory (default: $DPVIT_DATA_DIR, "
                                       "else data/<dataset>)")
-    epochs: int = _opt(8, "training epochs")
-    max_steps: int | None = _opt(None, "stop after this many optimizer steps in all")
-    batch_size: int = _opt(64, "global batch size, across all ranks")
-    optimizer: str = _opt("adamw", "optimizer", choices=("adamw", "sgd"))
-    lr: float = _opt(4e-3, "peak learning rate for the global batch")
-    min_lr: float = _opt(1e-5, "learning rate at the end of the cosine schedule")
-    warmup_epochs: float = _opt(1.0, "linear warmup length, at most a fifth of the run")
-    weight_decay: float = _opt(0.05, "decoupled weight decay (not on biases, norms, embeddings)")
-    momentum: float = _opt(0.9, "SGD momentum")
-    nesterov: bool = _opt(False, "Nesterov momentum for SGD")
-    beta1: float = _opt(0.9, "AdamW beta1")
-    beta2: float = _opt(0.999, "AdamW beta2")
-    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
-    max_bad_steps: int = _opt(5, "stop after this many steps in a row with a non-finite loss "
+    epochs: int = option(8, "training epochs")
+    max_steps: int | None = option(None, "stop after this many optimizer steps in all")
+    batch_size: int = option(64, "global batch size, across all ranks")
+    optimizer: str = option("adamw", "optimizer", choices=("adamw", "sgd"))
+    lr: float = option(4e-3, "peak learning rate for the global batch")
+    min_lr: float = option(1e-5, "learning rate at the end of the cosine schedule")
+    warmup_epochs: float = option(1.0, "linear warmup length, at most a fifth of the run")
+    weight_decay: float = option(0.05, "decoupled weight decay (not on biases, norms, embeddings)")
+    momentum: float = option(0.9, "SGD momentum")
+    nesterov: bool = option(False, "Nesterov momentum for SGD")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.999, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 disables)")
+    max_bad_steps: int = option(5, "stop after this many steps in a row with a non-finite loss "
                                  "or gradient norm (each is skipped, not applied)")
-    label_smoothing: float = _opt(0.1, "cross-entropy label smoothing")
-    augment: bool = _opt(True, "random shift/rotation/scale of training images")
-    aug_shift: float = _opt(Augmentation.shift, "largest random shift in pixels")
-    aug_rotate: float = _opt(Augmentation.rotate_deg, "largest random rotation in degrees")
-    aug_zoom: float = _opt(Augmentation.zoom, "random scale drawn from [1 - zoom, 1 + zoom]")
-    aug_hflip: bool = _opt(Augmentation.hflip, "mirror half of the training images left-right")
-    no_aug_epochs: int = _opt(1, "train the last N epochs on unaugmented images")
-    seed: int = _opt(0, "seed for initialisation, shuffling, augmentation and dropout")
-    run_dir: str | None = _opt(None, "output directory (default runs/<dataset>-<timestamp>)")
-    resume: str | None = _opt(None, "'auto' (newest valid checkpoint in run_dir) or a path")
-    checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: only at epoch ends)")
-    keep: int = _opt(3, "rolling step checkpoints to keep")
-    log_every: int = _opt(50, "log training metrics every N steps")
-    train_subset: int | None = _opt(None, "use only the first N training images")
-    test_subset: int | None = _opt(None, "use only the first N test images")
-    dtype: str = _opt("float32", "parameter and activation dtype", choices=("float32", "float64"))
-    no_progress: bool = _opt(False, "plain log lines instead of a progress bar")
-    debug: bool = _opt(False, "single-process debug mode: float64, small subset, checks")
+    label_smoothing: float = option(0.1, "cross-entropy label smoothing")
+    augment: bool = option(True, "random shift/rotation/scale of training images")
+    aug_shift: float = option(Augmentation.shift, "largest random shift in pixels")
+    aug_rotate: float = option(Augmentation.rotate_deg, "largest random rotation in degrees")
+    aug_zoom: float = option(Augmentation.zoom, "random scale drawn from [1 - zoom, 1 + zoom]")
+    aug_hflip: bool = option(Augmentation.hflip, "mirror half of the training images left-right")
+    no_aug_epochs: int = option(1, "train the last N epochs on unaugmented images")
+    seed: int = option(0, "seed for initialisation, shuffling, augmentation and dropout")
+    run_dir: str | None = option(None, "output directory (default runs/<dataset>-<timestamp>)")
+    resume: str | None = option(None, "'auto' (newest valid checkpoint in run_dir) or a path")
+    checkpoint_every: int = option(0, "also checkpoint every N steps (0: only at epoch ends)")
+    keep: int = option(3, "rolling step checkpoints to keep")
+    log_every: int = option(50, "log training metrics every N steps")
+    train_subset: int | None = option(None, "use only the first N training images")
+    test_subset: int | None = option(None, "use only the first N test images")
+    dtype: str = option("float32", "parameter and activation dtype", choices=("float32", "float64"))
+    no_progress: bool = option(False, "plain log lines instead of a progress bar")
+    debug: bool = option(False, "single-process debug mode: float64, small subset, checks")
 
     def validate(self) -> None:
         """Raise ConfigError with one clear sentence for an impossible setting."""
@@ -278,13 +214,6 @@ def _none_or(kind: type):
 
     parse.__name__ = kind.__name__
     return parse
-
-
-class CliParser(argparse.ArgumentParser):
-    """argparse that raises ConfigError (one clear line) instead of printing usage and exiting."""
-
-    def error(self, message: str):
-        raise ConfigError(f"{message} (see --help)")
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """Exception base class for problems the user can fix.
 
-Entry points (`dpvit.dist.run_main`) print a `UserError` as its one-line message, without a
+Entry points (`dpvit.cli.run_main`) print a `UserError` as its one-line message, without a
 traceback, and exit non-zero; any other exception is treated as a bug. Subclass `UserError`
 for bad input: a missing or damaged file, an invalid flag, a config that contradicts a
 checkpoint. The message should be one sentence naming the file or setting, what was expected

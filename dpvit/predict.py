@@ -4,7 +4,7 @@
     python -m dpvit.predict --checkpoint CKPT t10k-images-idx3-ubyte.gz --index 0 7 --json
 
 Reads PNG/JPEG (Pillow, the optional extra ``predict``), ``.npy`` arrays and idx files; every
-image is prepared as MNIST digits were (``dpvit.imageio``: grayscale, light-on-dark, fitted
+image is prepared as MNIST digits were (``dpvit.data.imageio``: grayscale, light-on-dark, fitted
 into 20x20 and centred by mass in 28x28), then the top-k classes and their probabilities are
 printed, or with ``--json`` one JSON object. A file that cannot be read gets one error line
 and the others are still classified; the exit status is then 1. The work runs on rank 0 (other
@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from dpvit.config import CliParser
+from dpvit.cli import CliParser, run_main
 from dpvit.data import DATASETS, normalize
-from dpvit.dist import Comm, run_main
+from dpvit.data.imageio import prepare_digit, read_images
 from dpvit.errors import ConfigError, InputError
-from dpvit.evaluate import EVAL_BATCH, load_model
-from dpvit.imageio import prepare_digit, read_images
-from dpvit.replicas import Replicas
+from dpvit.inference import EVAL_BATCH, load_model
+from dpvit.parallel.comm import Comm
+from dpvit.parallel.replicas import Replicas
 
 logger = logging.getLogger("dpvit.predict")
 

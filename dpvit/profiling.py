@@ -20,14 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dpvit.config import ViTConfig
-from dpvit.dist import Comm
 from dpvit.nn.attention import Attention
 from dpvit.nn.layers import GELU, LayerNorm, Linear
 from dpvit.nn.losses import CrossEntropyLoss
+from dpvit.nn.patch_embed import PatchEmbed, stem_widths
 from dpvit.optim import AdamW, clip_grad_norm_
-from dpvit.replicas import MICRO_BATCH, Replicas
-from dpvit.vit import Mlp, PatchEmbed, VisionTransformer, stem_widths
+from dpvit.parallel.comm import Comm
+from dpvit.parallel.replicas import MICRO_BATCH, Replicas
+from dpvit.vit import Mlp, VisionTransformer, ViTConfig
 
 
 def forward_flops_per_image(cfg: ViTConfig) -> float:
@@ -90,7 +90,7 @@ class StepBench:
         comm: communicator; the global batch is ``batch_per_rank * comm.size``.
         batch_per_rank: images per rank per step.
         dtype: float32 or float64.
-        micro_batch: most images per forward/backward pass (see ``dpvit.replicas``).
+        micro_batch: most images per forward/backward pass (see ``dpvit.parallel.replicas``).
     """
 
     def __init__(self, cfg: ViTConfig, comm: Comm, batch_per_rank: int,
@@ -119,7 +119,7 @@ class StepBench:
         start = time.perf_counter()
         self.replicas.forward_backward(self._share_step, self.indices, self.x, self.y)
         reduce_start = time.perf_counter()
-        self.comm.allreduce_sum_(store.reduce_buffer)  # as training: gradients + step numbers
+        self.comm.allreduce_sum_(store.grad_buffer)
         self.allreduce_seconds += time.perf_counter() - reduce_start
         self.compute_seconds += reduce_start - start
         clip_grad_norm_(store.flat_grads, 1.0)

@@ -9,7 +9,7 @@ directory; the other ranks write nothing.
 
 Exit status: 0 done; 1 an error (one line naming the file or setting); 143 (SIGTERM) or 130
 (SIGINT) after a requested stop, with a checkpoint of the last step written, so a scheduler
-can requeue the same command with ``--resume auto``. README.md, "Reliability", lists the faults.
+can requeue the same command with ``--resume auto``. docs/reliability.md lists the faults.
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ from functools import partial
 from pathlib import Path
 
 from dpvit.checkpoint import Checkpoint, find_resume_checkpoint, load_checkpoint
-from dpvit.config import Config, ViTConfig, load_config
-from dpvit.dist import Comm, launcher_rank, run_main
+from dpvit.cli import run_main
+from dpvit.config import Config, load_config
 from dpvit.errors import ConfigError
-from dpvit.guard import RunDirLock, StopSignals, check_same_setup
-from dpvit.trainer import Trainer
+from dpvit.parallel.comm import Comm
+from dpvit.parallel.launcher import launcher_rank
+from dpvit.training.guard import RunDirLock, StopSignals, check_same_setup
+from dpvit.training.trainer import Trainer
+from dpvit.vit import ViTConfig
 
 logger = logging.getLogger("dpvit.train")
 
@@ -100,10 +103,10 @@ def run(comm: Comm, argv: list[str] | None) -> int:
     run_dir = resolve_run_dir(cfg, comm)
     cfg.train.run_dir = str(run_dir)
     with StopSignals() as stop, RunDirLock(comm, run_dir):
-        return train_in(run_dir, comm, cfg, explicit, stop)
+        return train_in_claimed_dir(run_dir, comm, cfg, explicit, stop)
 
 
-def train_in(run_dir: Path, comm: Comm, cfg: Config, explicit: set[str],
+def train_in_claimed_dir(run_dir: Path, comm: Comm, cfg: Config, explicit: set[str],
              stop: StopSignals) -> int:
     """Resume or start in the claimed ``run_dir`` once every rank agrees on the setup; train."""
     ckpt = find_checkpoint(cfg, run_dir) if comm.is_root else None
@@ -120,7 +123,7 @@ def train_in(run_dir: Path, comm: Comm, cfg: Config, explicit: set[str],
     start = time.perf_counter()
     report = trainer.fit()
     if report is None:
-        logger.info("nothing to do: step %d already reached", trainer.step)
+        logger.info("nothing to do: step %d already reached", trainer.state.step)
     else:
         logger.info("done in %.1f s: test accuracy %.2f%%, report in %s",
                     time.perf_counter() - start, 100 * report["accuracy"], run_dir / "report")

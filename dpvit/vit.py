@@ -8,14 +8,79 @@ Module and parameter names follow timm (``patch_embed.proj.weight``, ``cls_token
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 
-from dpvit.config import ViTConfig
-from dpvit.errors import InputError
+from dpvit.errors import ConfigError, InputError
+from dpvit.nn import functional as F
 from dpvit.nn.attention import Attention
-from dpvit.nn.layers import GELU, Conv2d, Dropout, Layer, LayerNorm, Linear, ReLU
+from dpvit.nn.layers import GELU, Conv2d, Dropout, Layer, LayerNorm, Linear
 from dpvit.nn.params import ParamStore
+from dpvit.nn.patch_embed import PatchEmbed, stem_widths
+from dpvit.options import option
+
+
+@dataclass
+class ViTConfig:
+    """The model shape. On resume it always comes from the checkpoint."""
+
+    img_size: int = option(28, "input image side in pixels")
+    in_chans: int = option(1, "input channels")
+    num_classes: int = option(10, "number of classes")
+    patch_size: int = option(4, "patch side in pixels; must divide img_size")
+    embed_dim: int = option(64, "token embedding size D", flag="dim")
+    depth: int = option(6, "number of transformer blocks")
+    num_heads: int = option(4, "attention heads; must divide embed_dim", flag="heads")
+    mlp_ratio: float = option(2.0, "MLP hidden size as a multiple of embed_dim")
+    qkv_bias: bool = option(True, "bias on the fused qkv projection")
+    patch_embed: str = option("linear", "patch embedding: one linear map per patch, the same as "
+                                      "a conv, or a stem of stride-2 3x3 convs with ReLU",
+                            choices=("linear", "conv", "stem"))
+    patch_overlap: int = option(0, "pixels each conv patch window reaches into its neighbours "
+                                 "on every side (kernel patch_size + 2 * overlap, same stride)")
+    pos_embed: str = option("learned", "position embedding", choices=("learned", "sincos"))
+    pool: str = option("cls", "pooling before the head", choices=("cls", "mean"))
+    drop_rate: float = option(0.0, "dropout after attention projection and in the MLP")
+    attn_drop_rate: float = option(0.0, "dropout on attention weights")
+
+    @property
+    def patch_window(self) -> int:
+        """Side of the pixel window each patch token sees (its conv kernel)."""
+        return self.patch_size + 2 * self.patch_overlap
+
+    def validate(self) -> None:
+        """Raise ConfigError with one clear sentence for an impossible shape."""
+        for name in ("img_size", "in_chans", "num_classes", "patch_size", "embed_dim", "depth",
+                     "num_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.img_size % self.patch_size:
+            raise ConfigError(
+                f"patch_size ({self.patch_size}) must divide img_size ({self.img_size})"
+            )
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(
+                f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.patch_embed == "stem" and (self.patch_size < 2
+                                           or self.patch_size & (self.patch_size - 1)
+                                           or self.embed_dim % (self.patch_size // 2)):
+            raise ConfigError(f"a stem patch embedding needs patch_size a power of 2 >= 2 "
+                              f"(one stride-2 conv per halving) and embed_dim divisible by "
+                              f"patch_size / 2; got {self.patch_size} and {self.embed_dim}")
+        if self.patch_overlap < 0 or (self.patch_overlap and self.patch_embed != "conv"):
+            raise ConfigError(f"patch_overlap must be 0, or positive with patch_embed conv; got "
+                              f"{self.patch_overlap} with {self.patch_embed} (a linear patch "
+                              "embedding needs --patch-overlap 0)")
+        if self.mlp_ratio <= 0:
+            raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.pos_embed == "sincos" and self.embed_dim % 4:
+            raise ConfigError(
+                f"sincos pos_embed needs embed_dim divisible by 4, got {self.embed_dim}")
+        for name in ("drop_rate", "attn_drop_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 def _trunc_normal(rng: np.random.Generator, std: float, shape: tuple[int, ...]) -> np.ndarray:
@@ -26,84 +91,6 @@ def _trunc_normal(rng: np.random.Generator, std: float, shape: tuple[int, ...]) 
         values[outside] = rng.normal(0.0, std, int(outside.sum()))
         outside = np.abs(values) > 2 * std
     return values
-
-
-def stem_widths(in_chans: int, embed_dim: int, patch_size: int) -> list[int]:
-    """Channels through a conv stem, input first: one doubling per stride-2 conv, ending at D
-    (``[1, 32, 64]`` for 1 input channel, D = 64 and p = 4)."""
-    halvings = patch_size.bit_length() - 1
-    return [in_chans] + [embed_dim >> (halvings - 1 - i) for i in range(halvings)]
-
-
-class PatchEmbed(Layer):
-    """Image (B, C, H, W) -> patch tokens (B, N, D), N = (H/p) * (W/p).
-
-    ``kind="linear"`` flattens each patch in (C, p, p) order and applies a Linear; ``"conv"``
-    is a convolution with kernel = stride = p, as in timm. The two compute the same function
-    (the linear weight is the conv weight flattened), so ``linear`` is the cheaper default.
-    ``overlap=o`` (conv only) widens each window by o pixels on every side, zero-padding the
-    image by o, as the overlapping patch embedding of PVT v2: neighbouring tokens then share
-    pixels, and the grid is unchanged.
-
-    ``kind="stem"`` is the convolutional stem of Xiao et al. 2021 ("Early convolutions help
-    transformers see better") without its batch norms, which data parallelism would have to
-    synchronise: log2(p) 3x3 convolutions of stride 2 and padding 1, ReLU between them, the
-    channels doubling up to D (1 -> D/2 -> D for p = 4). Each token then sees a (2p - 1) px
-    window through a nonlinear feature map, for about 8% more FLOPs than the linear embedding at
-    the default shape.
-    """
-
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int,
-                 kind: str = "linear", overlap: int = 0) -> None:
-        super().__init__()
-        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
-        self.grid = img_size // patch_size
-        self.num_patches = self.grid * self.grid
-        self.kind = kind
-        self.convs: list[Layer] = []  # the conv kinds' layers in order, ending with proj
-        if overlap and kind != "conv":
-            raise ValueError(f"an overlapping patch embedding must be 'conv', got {kind!r}")
-        if kind == "linear":
-            self.proj = self.add("proj", Linear(in_chans * patch_size * patch_size, embed_dim))
-        elif kind == "conv":
-            self.proj = self.add("proj", Conv2d(in_chans, embed_dim, patch_size + 2 * overlap,
-                                                patch_size, padding=overlap))
-            self.convs = [self.proj]
-        elif kind == "stem":
-            widths = stem_widths(in_chans, embed_dim, patch_size)
-            for i in range(len(widths) - 2):
-                self.convs.append(self.add(f"stem.{2 * i}", Conv2d(widths[i], widths[i + 1], 3,
-                                                                   2, padding=1)))
-                self.convs.append(self.add(f"stem.{2 * i + 1}", ReLU()))
-            self.proj = self.add("proj", Conv2d(widths[-2], embed_dim, 3, 2, padding=1))
-            self.convs.append(self.proj)
-        else:
-            raise ValueError(f"patch_embed must be 'linear', 'conv' or 'stem', got {kind!r}")
-
-    def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
-        B, C = x.shape[:2]
-        g, p = self.grid, self.patch_size
-        if self.kind == "linear":
-            patches = x.reshape(B, C, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(B, g * g, -1)
-            return self.proj.forward(patches, train)
-        for layer in self.convs:
-            x = layer.forward(x, train)  # ends (B, D, g, g)
-        return x.reshape(B, x.shape[1], g * g).transpose(0, 2, 1)
-
-    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
-        """Accumulates the gradients; returns d(images), or None without ``input_grad``."""
-        B, _, D = dy.shape
-        g, p, C = self.grid, self.patch_size, self.in_chans
-        if self.kind == "linear":
-            dpatches = self.proj.backward(dy, input_grad=input_grad)
-            if dpatches is None:
-                return None
-            dpatches = dpatches.reshape(B, g, g, C, p, p)
-            return dpatches.transpose(0, 3, 1, 4, 2, 5).reshape(B, C, g * p, g * p)
-        dx = dy.transpose(0, 2, 1).reshape(B, D, g, g)
-        for layer in reversed(self.convs[1:]):
-            dx = layer.backward(dx)
-        return self.convs[0].backward(dx, input_grad=input_grad)  # the conv reading the images
 
 
 def sincos_pos_embed(embed_dim: int, grid: int) -> np.ndarray:
@@ -221,7 +208,7 @@ class VisionTransformer(Layer):
     def replica(self) -> VisionTransformer:
         """A model that reads this one's parameter buffer (not a copy) and has its own
         gradient buffer and layer caches, so that another thread can run forward and backward
-        on it at the same time (see ``dpvit.replicas``)."""
+        on it at the same time (see ``dpvit.parallel.replicas``)."""
         return VisionTransformer(self.cfg, self.dtype, shared_params=self.store.flat_params)
 
     @property
@@ -316,10 +303,7 @@ class VisionTransformer(Layer):
         """Softmax probabilities in evaluation mode, in batches (no gradients kept)."""
         out = []
         for start in range(0, len(x), batch_size):
-            logits = self.forward(x[start : start + batch_size], train=False)
-            logits = logits - logits.max(axis=1, keepdims=True)
-            p = np.exp(logits)
-            out.append(p / p.sum(axis=1, keepdims=True))
+            out.append(F.softmax_fwd(self.forward(x[start : start + batch_size], train=False)))
         return np.concatenate(out) if out else np.zeros((0, self.cfg.num_classes), self.dtype)
 
 

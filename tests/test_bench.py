@@ -12,8 +12,8 @@ import pytest
 from helpers import run_dpvit
 
 from dpvit import bench
-from dpvit.config import ViTConfig
 from dpvit.profiling import forward_flops_per_image
+from dpvit.vit import ViTConfig
 
 TINY = ["--dim", "16", "--depth", "1", "--heads", "2", "--batch-size", "8", "--steps", "2",
         "--warmup", "1", "--repeats", "2"]

@@ -13,6 +13,7 @@ import pytest
 
 from dpvit import checkpoint as ck
 from dpvit.checkpoint import Checkpoint, CheckpointError
+from dpvit.checkpoint.seal import seal
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ def make_ckpt(step=7, scale=1.0):
         rng={"data": data_rng.bit_generator.state, "mt": np.random.MT19937(5).state},
         step=step,
         epoch=2,
-        position=3,
+        step_in_epoch=3,
         world_size=4,
         config={"model": {"dim": 8, "depth": 1}, "lr": 3e-4, "dataset": "mnist"},
         metrics=[{"step": 1, "loss": 2.31}, {"step": 2, "loss": float("nan")}],
@@ -69,7 +70,7 @@ def test_round_trip_bit_exact(tmp_path):
     assert_same(saved, loaded)
     assert loaded.optimizer_scalars == {"step": 7, "beta1": 0.9, "nesterov": True}
     assert type(loaded.optimizer_scalars["step"]) is int
-    assert (loaded.step, loaded.epoch, loaded.position, loaded.world_size) == (7, 2, 3, 4)
+    assert (loaded.step, loaded.epoch, loaded.step_in_epoch, loaded.world_size) == (7, 2, 3, 4)
     assert loaded.config == saved.config
     assert loaded.metrics[0] == {"step": 1, "loss": 2.31} and np.isnan(loaded.metrics[1]["loss"])
 
@@ -145,7 +146,7 @@ def test_damage_is_a_clear_error(tmp_path, how, message):
     ck.save_checkpoint(path, make_ckpt())
     _damage(path, how)
     if how not in ("truncated", "not_hdf5", "empty"):
-        ck._seal(path)
+        seal(path)
     with pytest.raises(CheckpointError, match=message) as info:
         ck.load_checkpoint(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
@@ -176,7 +177,7 @@ def test_crash_before_rename_keeps_previous(tmp_path, monkeypatch):
     def crash(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ck.os, "replace", crash)
+    monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(CheckpointError, match="could not write checkpoint"):
         ck.save_checkpoint(path, make_ckpt(step=2))
     assert ck.load_checkpoint(path).step == 1

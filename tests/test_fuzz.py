@@ -85,7 +85,7 @@ def _checkpoint() -> Checkpoint:
     return Checkpoint(params=params,
                       optimizer={"exp_avg": {k: v * 0.5 for k, v in params.items()}},
                       optimizer_scalars={"step": 3}, rng={"scheme": "keyed", "seed": 0},
-                      step=3, epoch=0, position=3, config={"model": {"embed_dim": 4}},
+                      step=3, epoch=0, step_in_epoch=3, config={"model": {"embed_dim": 4}},
                       metrics=[{"kind": "step", "loss": 2.3}])
 
 

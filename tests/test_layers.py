@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from gradcheck import TOLERANCE, check_layer, numeric_grad, rel_err
 
-from dpvit.config import ViTConfig
 from dpvit.nn.attention import Attention
 from dpvit.nn.layers import GELU, Conv2d, Dropout, Flatten, LayerNorm, Linear, ReLU
 from dpvit.nn.losses import CrossEntropyLoss, MSELoss
 from dpvit.nn.params import ParamStore
-from dpvit.vit import Block, Mlp, PatchEmbed
+from dpvit.nn.patch_embed import PatchEmbed
+from dpvit.vit import Block, Mlp, ViTConfig
 
 rng = np.random.default_rng(42)
 

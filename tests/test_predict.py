@@ -12,8 +12,8 @@ import pytest
 from helpers import missing, real_data_dir, run_dpvit, train
 
 from dpvit.data import load_split, prepare_dataset
+from dpvit.data.imageio import _to_gray, prepare_digit, read_images
 from dpvit.errors import InputError
-from dpvit.imageio import _to_gray, prepare_digit, read_images
 
 #: A run sure enough of some test digits (about 3 s): 250 steps on 4000 images.
 CONFIDENT_ARGS = ["--dim", "32", "--heads", "2", "--depth", "1", "--train-subset", "4000",
@@ -158,11 +158,10 @@ def test_grayscale_conversion_of_arrays():
 
 def test_classify_spreads_batches_over_replicas_in_order():
     """Two replica threads give every image the probabilities one thread gives it, in order."""
-    from dpvit.config import ViTConfig
-    from dpvit.evaluate import EVAL_BATCH
+    from dpvit.inference import EVAL_BATCH
+    from dpvit.parallel.replicas import Replicas
     from dpvit.predict import classify
-    from dpvit.replicas import Replicas
-    from dpvit.vit import VisionTransformer
+    from dpvit.vit import VisionTransformer, ViTConfig
 
     model = VisionTransformer(ViTConfig(embed_dim=16, depth=1, num_heads=2), seed=0)
     rng = np.random.default_rng(0)

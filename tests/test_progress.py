@@ -12,7 +12,7 @@ import threading
 
 from helpers import REPO, TINY_ARGS, real_data_dir, run_dpvit
 
-from dpvit.progress import ProgressBar, progress_wanted
+from dpvit.training.progress import ProgressBar, progress_wanted
 
 
 class Terminal(io.StringIO):

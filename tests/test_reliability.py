@@ -22,7 +22,8 @@ import pytest
 from helpers import REPO, TINY_ARGS, mpirun, real_data_dir, run_dpvit, train
 from test_checkpoint import _damage
 
-from dpvit.checkpoint import _seal, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from dpvit.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from dpvit.checkpoint.seal import seal
 from dpvit.errors import AgreedError
 
 LONG = ["--epochs", "1000", "--log-every", "1", "--checkpoint-every", "4"]
@@ -116,7 +117,7 @@ def test_signal_stops_at_a_step_boundary_and_resume_loses_nothing(tmp_path, sig)
 
 def test_second_signal_stops_at_once():
     """The first SIGINT only sets the flag; the second raises KeyboardInterrupt right away."""
-    from dpvit.guard import StopSignals
+    from dpvit.training.guard import StopSignals
 
     before = signal.getsignal(signal.SIGINT)
     with StopSignals() as stop:
@@ -130,7 +131,7 @@ def test_second_signal_stops_at_once():
 def test_stop_votes_summed_over_ranks_agree_on_one_signal():
     """Each rank votes for the signal it received; the summed votes name the same signal on
     every rank, SIGTERM winning over SIGINT as the larger number."""
-    from dpvit.guard import StopSignals, agreed_signal, stop_votes
+    from dpvit.training.guard import StopSignals, agreed_signal, stop_votes
 
     def votes(*signals):
         ranks = []
@@ -244,7 +245,7 @@ def test_damaged_checkpoint_given_by_path(saved_run, tmp_path, how, message):
     else:
         _damage(path, how)
     if how == "missing_dataset":
-        _seal(path)  # as a buggy writer would have left it, past the whole-file digest
+        seal(path)  # as a buggy writer would have left it, past the whole-file digest
     line = _one_error(run_dpvit("train", [*TINY_ARGS, "--run-dir", str(tmp_path / "r"),
                                           "--resume", str(path)], timeout=60))
     assert str(path) in line and message in line, line
@@ -291,8 +292,8 @@ def test_divergence_skips_steps_then_stops_and_keeps_the_last_checkpoint(tmp_pat
 
 def _trainer(run_dir: Path, *extra: str):
     from dpvit.config import load_config
-    from dpvit.dist import LocalComm
-    from dpvit.trainer import Trainer
+    from dpvit.parallel.comm import LocalComm
+    from dpvit.training.trainer import Trainer
 
     cfg, _ = load_config([*TINY_ARGS, "--data-dir", str(real_data_dir()), *extra])
     return Trainer(cfg, LocalComm(), run_dir)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dpvit.config import ViTConfig
 from dpvit.nn.losses import CrossEntropyLoss
-from dpvit.replicas import Replicas
-from dpvit.vit import VisionTransformer
+from dpvit.parallel.replicas import Replicas
+from dpvit.vit import VisionTransformer, ViTConfig
 
 CFG = ViTConfig(img_size=8, patch_size=4, embed_dim=8, depth=2, num_heads=2, num_classes=3,
                 drop_rate=0.2, attn_drop_rate=0.1)
@@ -32,7 +31,7 @@ def test_replica_reads_the_parameter_buffer_and_keeps_its_own_gradients():
     model = VisionTransformer(CFG, np.float64, seed=0)
     replica = model.replica()
     assert replica.store.flat_params is model.store.flat_params
-    assert not np.shares_memory(replica.store.reduce_buffer, model.store.reduce_buffer)
+    assert not np.shares_memory(replica.store.grad_buffer, model.store.grad_buffer)
     _, x, _ = batch(2)
     before = replica.forward(x)
     model.store.flat_params *= 1.5  # an optimizer step on the rank's model ...
@@ -119,8 +118,8 @@ def test_shared_parameters_must_fit_the_model():
 def test_evaluation_does_not_depend_on_the_number_of_threads():
     """Batches spread over 3 threads score exactly as on one (predictions, confidences, counts)."""
     from dpvit.data import DATASETS
-    from dpvit.dist import LocalComm
-    from dpvit.evaluate import evaluate_model
+    from dpvit.inference import evaluate_model
+    from dpvit.parallel.comm import LocalComm
 
     cfg = ViTConfig(img_size=28, patch_size=7, embed_dim=8, depth=1, num_heads=2)
     model = VisionTransformer(cfg, np.float32, seed=0)

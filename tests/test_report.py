@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpvit.config import ViTConfig
 from dpvit.data import DATASETS
 from dpvit.errors import UserError
 from dpvit.report import (
@@ -20,11 +19,11 @@ from dpvit.report import (
     build_report,
     confusion_matrix,
     per_class_metrics,
-    render_markdown,
     write_report,
 )
-from dpvit.rollout import attention_rollout
-from dpvit.vit import VisionTransformer
+from dpvit.report.rollout import attention_rollout
+from dpvit.report.writer import render_markdown
+from dpvit.vit import VisionTransformer, ViTConfig
 
 
 def test_confusion_matrix_counts_rows_true_columns_predicted():
@@ -108,21 +107,29 @@ def test_write_report_files_and_predictions_csv(tmp_path):
 
 
 def test_a_full_disk_is_one_clear_error_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """The disk fills after the temporary file was written, at the rename: the error names
+    the report file, and the temporary file that already exists is removed."""
     context = _context(model=None)
+    written = []
+    real_replace = os.replace
 
-    def disk_full(self, data):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+    def disk_full(src, dst):
+        written.append(Path(src))
+        assert Path(src).exists()  # the temporary file is on disk when the failure comes
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
 
-    monkeypatch.setattr(Path, "write_text", disk_full)
+    monkeypatch.setattr(os, "replace", disk_full)
     with pytest.raises(UserError, match=r"could not write report file .*report\.json: No space"):
         write_report(_report(context), tmp_path, context)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert written and written[0].parent == tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
 def test_without_matplotlib_json_and_markdown_are_written_and_the_page_says_why(
         tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    monkeypatch.delitem(sys.modules, "dpvit.plots", raising=False)
+    monkeypatch.delitem(sys.modules, "dpvit.report.plots", raising=False)
     context = _context()
     write_report(_report(context), tmp_path, context)
     html = (tmp_path / "report.html").read_text()

@@ -16,7 +16,7 @@ from dpvit import train as dpvit_train
 from dpvit.checkpoint import load_checkpoint
 from dpvit.config import Config
 from dpvit.data import prepare_dataset
-from dpvit.dist import LocalComm
+from dpvit.parallel.comm import LocalComm
 from dpvit.vit import VisionTransformer
 
 REPORT_KEYS = {"dataset", "split", "epoch", "step", "world_size", "num_samples", "loss",
@@ -172,8 +172,8 @@ def test_debug_mode_is_one_process_float64_with_gradient_check(tmp_path):
 
 
 def test_debug_mode_names_the_first_layer_with_non_finite_output():
-    from dpvit.config import ViTConfig
-    from dpvit.debug import NonFiniteError, watch_non_finite
+    from dpvit.training.debug import NonFiniteError, watch_non_finite
+    from dpvit.vit import ViTConfig
 
     model = VisionTransformer(ViTConfig(img_size=8, embed_dim=8, depth=2, num_heads=2),
                               dtype=np.float64)

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 from gradcheck import TOLERANCE, numeric_grad, rel_err
 
-from dpvit.config import ViTConfig
 from dpvit.nn.losses import CrossEntropyLoss
 from dpvit.optim import AdamW
-from dpvit.vit import VisionTransformer, expected_num_params
+from dpvit.vit import VisionTransformer, ViTConfig, expected_num_params
 
 TINY = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=8, depth=1, num_heads=2,
             mlp_ratio=2.0, num_classes=3)

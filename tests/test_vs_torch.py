@@ -9,11 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dpvit.config import ViTConfig
 from dpvit.nn.losses import CrossEntropyLoss, MSELoss
 from dpvit.nn.params import ParamStore
 from dpvit.optim import SGD, AdamW, clip_grad_norm_, lr_at
-from dpvit.vit import VisionTransformer
+from dpvit.vit import VisionTransformer, ViTConfig
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

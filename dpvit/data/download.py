@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import http.client
 import logging
-import os
 import sys
 import time
 import urllib.error
@@ -21,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dpvit.data.idx import DataError, DatasetInfo, find_idx_file, sha256_of_payload
+from dpvit.files import publish
 
 logger = logging.getLogger(__name__)
 
@@ -134,9 +134,7 @@ def download_file(
             except DataError:
                 digest = "unreadable"
             if digest == expected_sha256:
-                with open(part, "rb") as fh:
-                    os.fsync(fh.fileno())
-                os.replace(part, dest)
+                publish(part, dest)
                 logger.info("downloaded %s from %s", dest, url)
                 return dest
             problem = f"checksum mismatch (payload SHA-256 {digest})"

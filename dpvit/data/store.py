@@ -41,6 +41,7 @@ from dpvit.data.idx import (
     get_info,
     read_split,
 )
+from dpvit.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -178,38 +179,23 @@ def convert(info: DatasetInfo, files: dict[str, Path], store_path: Path) -> None
         images, labels, d = read_split(info, split, files[images_name], files[labels_name])
         splits[split] = (images, labels)
         digests.update(d)
-    tmp = store_path.with_name(f"{store_path.name}.tmp{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            for split, (images, labels) in splits.items():
-                g = f.create_group(split)
-                g.create_dataset("images", data=images, chunks=(min(1024, len(images)),
-                                 *info.image_shape), compression="gzip", compression_opts=1,
-                                 shuffle=True, fletcher32=True)
-                g.create_dataset("labels", data=labels, compression="gzip", fletcher32=True)
-            f.attrs.update({
-                "format_version": FORMAT_VERSION,
-                "dataset": info.name,
-                "splits": json.dumps(list(SPLITS)),
-                "class_names": json.dumps(list(info.class_names)),
-                "mean": info.mean,
-                "std": info.std,
-                "source_sha256": json.dumps(digests, sort_keys=True),
-                "dpvit_version": __version__,
-            })
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, store_path)
-        dir_fd = os.open(store_path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(store_path) as tmp, h5py.File(tmp, "w") as f:
+        for split, (images, labels) in splits.items():
+            g = f.create_group(split)
+            g.create_dataset("images", data=images, chunks=(min(1024, len(images)),
+                             *info.image_shape), compression="gzip", compression_opts=1,
+                             shuffle=True, fletcher32=True)
+            g.create_dataset("labels", data=labels, compression="gzip", fletcher32=True)
+        f.attrs.update({
+            "format_version": FORMAT_VERSION,
+            "dataset": info.name,
+            "splits": json.dumps(list(SPLITS)),
+            "class_names": json.dumps(list(info.class_names)),
+            "mean": info.mean,
+            "std": info.std,
+            "source_sha256": json.dumps(digests, sort_keys=True),
+            "dpvit_version": __version__,
+        })
     logger.info("wrote %s", store_path)
 
 
@@ -248,7 +234,7 @@ def prepare_dataset(
     files; the other ranks wait at ``comm.barrier()`` and then locate the same store. This
     assumes a file system shared by all ranks (or a store prepared beforehand on each node).
     An exception on rank 0 propagates before the barrier; the caller's abort-on-error
-    handling (``dpvit.dist``) must end the other ranks.
+    handling (``dpvit.parallel.comm``) must end the other ranks.
 
     Args:
         name: "mnist" or "fashion-mnist".

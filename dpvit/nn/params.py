@@ -59,11 +59,6 @@ class Module:
             yield from child.named_modules(f"{prefix}{name}.")
 
 
-#: Slots after the gradients in ``ParamStore.reduce_buffer`` (the trainer uses 4: loss, correct
-#: count and one vote per stop signal).
-STEP_EXTRAS = 4
-
-
 class ParamStore:
     """Allocates the flat float buffers of a module tree and binds every parameter as a view.
 
@@ -100,14 +95,27 @@ class ParamStore:
                              f"not fit this model's {self.dtype}({offset},)")
         else:
             self.flat_params = shared_params
-        # The gradients are the head of a longer buffer whose tail (``step_extras``) carries
-        # per-step numbers summed across ranks with them, so one Allreduce per step does all.
-        self.reduce_buffer = np.zeros(offset + STEP_EXTRAS, dtype=self.dtype)
-        self.flat_grads = self.reduce_buffer[:offset]
-        self.step_extras = self.reduce_buffer[offset:]
-        for spec, (module, local) in zip(self.specs, owners, strict=True):
+        self._owners = owners
+        self.grad_buffer = np.zeros(offset, dtype=self.dtype)
+        self.flat_grads = self.grad_buffer
+        self._bind()
+
+    def _bind(self) -> None:
+        for spec, (module, local) in zip(self.specs, self._owners, strict=True):
             module.params[local] = self.param(spec.name)
             module.grads[local] = self.grad(spec.name)
+
+    def extend_grads(self, slots: int) -> np.ndarray:
+        """Give the gradient buffer ``slots`` more elements after the gradients; return them.
+
+        ``grad_buffer`` is then the gradients followed by those slots, so numbers that must be
+        summed across ranks with the gradients (a loss, a count) travel in the same collective.
+        Every gradient view is rebound to the new buffer; call it before the first backward.
+        """
+        self.grad_buffer = np.zeros(self.numel + slots, dtype=self.dtype)
+        self.flat_grads = self.grad_buffer[: self.numel]
+        self._bind()
+        return self.grad_buffer[self.numel :]
 
     def _view(self, flat: np.ndarray, name: str) -> np.ndarray:
         spec = self._by_name[name]

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dpvit.dist import Comm, run_main
+from dpvit.cli import run_main
 from dpvit.errors import UserError
+from dpvit.parallel.comm import Comm
 
 
 def collectives(comm: Comm) -> None:

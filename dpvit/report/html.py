@@ -7,7 +7,7 @@ The curves, learning-rate and confusion-matrix figures need matplotlib (optional
 ``plots``); without it the page keeps everything else and says what is missing and how to get
 it. Those PNGs are also returned so that the report directory holds them as files. The test
 images (misclassified ones, attention overlays) are small PNGs encoded with zlib alone
-(``dpvit.imageio.encode_png``) and laid out by the page itself, so they need neither
+(``dpvit.data.imageio.encode_png``) and laid out by the page itself, so they need neither
 matplotlib nor Pillow and cost milliseconds.
 """
 
@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import base64
 import html
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from dpvit.data import normalize
-from dpvit.imageio import encode_png, resize_matrix
-from dpvit.rollout import attention_rollout
-
-if TYPE_CHECKING:
-    from dpvit.report import ReportContext
+from dpvit.data import DatasetInfo, normalize
+from dpvit.data.imageio import encode_png, resize_matrix
+from dpvit.report.rollout import attention_rollout
 
 MAX_MISCLASSIFIED = 32  # images in the misclassified grid
 NUM_ATTENTION = 8  # test images with attention-rollout maps
@@ -47,9 +45,34 @@ img { max-width: 100%; display: block; margin: 0.5em 0 1.5em; }
 """
 
 
+@dataclass
+class ReportContext:
+    """What the HTML report shows beyond the numbers of report.json (rank 0 only).
+
+    Attributes:
+        images: (N, H, W) uint8 images of the evaluated split, in split order.
+        labels: (N,) true classes.
+        predictions: (N,) predicted classes.
+        confidences: (N,) probability of the predicted class.
+        info: the dataset (normalisation constants and class names).
+        model: the evaluated model, for attention-rollout maps (None: no maps).
+        metrics: the run's metrics.jsonl records, for the training curves.
+        lr_schedule: learning rate of every scheduled step (None: the logged values).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    predictions: np.ndarray
+    confidences: np.ndarray
+    info: DatasetInfo
+    model: Any = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    lr_schedule: np.ndarray | None = None
+
+
 def _figures(report: dict[str, Any], context: ReportContext | None) -> dict[str, bytes]:
     """Draw every figure the context allows; raises ImportError without matplotlib."""
-    from dpvit import plots
+    from dpvit.report import plots
 
     names = [row.get("name", str(row["class"])) for row in report["per_class"]]
     figures = {"confusion_matrix.png": plots.confusion(np.array(report["confusion_matrix"]),

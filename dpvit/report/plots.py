@@ -1,7 +1,7 @@
 """The report's figures as PNG bytes, drawn with matplotlib's Agg backend (no display needed).
 
 matplotlib is an optional extra (``pip install -e ".[plots]"``); importing this module without
-it raises ImportError, which ``dpvit.report_html`` turns into a note in the page. Each function
+it raises ImportError, which ``dpvit.report.html`` turns into a note in the page. Each function
 draws one figure from plain arrays and returns the encoded PNG.
 """
 

@@ -6,18 +6,10 @@ same methods in both cases. Everything used inside the training step is buffer b
 (`Bcast`/`Allreduce` on numpy arrays, never pickled); the `*_object` methods pickle and are
 meant for rare setup-time values such as the resolved config.
 
-`run_main` wraps every command: it picks the communicator, sets BLAS threads, configures
-logging with a `[rank r/N]` prefix, and turns an exception on any rank into one clear message
-followed by `MPI_Abort`, so that the other ranks never hang in a collective (what
-`python -m mpi4py` does, but built in because users type `mpirun -n 4 python -m dpvit.train`).
-
-A blocking `Allreduce` of the default model's 206k float32 gradients takes ~0.12 ms on two
-ranks of one host, so the gradient is reduced with one call; bucketed `Iallreduce` overlapped
-with backward does not pay at this size.
-
-MPICH busy-polls while a rank waits. With more ranks than cores that steals CPU from the ranks
-still computing; `MPIR_CVAR_ENABLE_HEAVY_YIELD=1` (nanosleep while waiting) fixes it at the
-cost of 3-4x slower small collectives, so dpvit leaves the MPICH default; a launcher may set it.
+The gradient is reduced with one blocking `Allreduce` per step: on one host it is a small
+fraction of the step (docs/performance.md). With more ranks than cores on a host, a rank that
+has finished its share waits asleep in `Iallreduce` instead, so that its core goes to a rank
+still computing.
 """
 
 from __future__ import annotations
@@ -28,46 +20,28 @@ import os
 import sys
 import time
 import zlib
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 
-from dpvit.allocator import keep_freed_memory
-from dpvit.errors import AgreedError, UserError
+from dpvit.errors import UserError
+from dpvit.parallel.launcher import launched_by_mpi
+from dpvit.parallel.threads import available_cores
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Environment variables set by MPI launchers (MPICH/Hydra, Intel MPI, Open MPI, PMIx, PALS,
-#: srun with PMI); any of them means "started by a launcher, initialise MPI".
-LAUNCHER_ENV_VARS = (
-    "PMI_RANK",
-    "PMI_SIZE",
-    "PMIX_RANK",
-    "OMPI_COMM_WORLD_SIZE",
-    "MPI_LOCALNRANKS",
-    "PALS_RANKID",
-)
-
 #: Seconds to wait between flushing stderr and MPI_Abort: without it, when several ranks fail at
 #: once, Hydra sometimes tears the job down before forwarding the error lines (seen 2 in 30).
 ABORT_GRACE_S = 0.2
-
 #: How long `sleeping_barrier` sleeps between polls: short next to the seconds it waits for,
 #: long enough that the sleeping ranks cost their cores nothing.
 SLEEPING_POLL_S = 1e-3
-
 #: How long a rank on a host with more ranks than cores sleeps between polls of the gradient
 #: allreduce: a fraction of the tens of milliseconds by which ranks finish their shares apart.
 #: `mpirun -n 4` training on 2 cores ran 6% faster with it than spinning (README, Performance).
 OVERSUBSCRIBED_POLL_S = 1e-4
-
-#: Environment variables that tell child processes and BLAS libraries how many threads to use.
-THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-
 
 class DivergenceError(UserError):
     """Raised on every rank when an array that must be identical differs between ranks."""
@@ -85,7 +59,7 @@ class Comm:
             `allreduce_sum_` waits asleep, and `configure_threads` says one rank per core is
             faster.
         threads: Worker threads of this process, each running a model replica
-            (`dpvit.replicas`); set by `configure_threads`.
+            (`dpvit.parallel.replicas`); set by `configure_threads`.
     """
 
     rank: int = 0
@@ -336,12 +310,6 @@ def _check_contiguous(buf: np.ndarray) -> None:
         raise ValueError("in-place collectives need a writeable C-contiguous numpy array")
 
 
-def launched_by_mpi(environ: dict[str, str] | None = None) -> bool:
-    """Whether an MPI launcher (mpirun, mpiexec, srun with PMI) started this process."""
-    env = os.environ if environ is None else environ
-    return any(name in env for name in LAUNCHER_ENV_VARS)
-
-
 def init_comm(force_local: bool = False) -> Comm:
     """Return the communicator for this process.
 
@@ -362,177 +330,3 @@ def init_comm(force_local: bool = False) -> Comm:
     return MPIComm()
 
 
-def find_mpirun() -> str:
-    """The mpirun of this Python environment (the mpich wheel puts it beside python), else
-    whatever ``mpirun`` the PATH gives."""
-    beside = Path(sys.executable).parent / "mpirun"
-    return str(beside) if beside.exists() else "mpirun"
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS reports one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
-def configure_threads(comm: Comm, threads: int | None = None) -> int:
-    """Choose this rank's worker threads and give each of them one BLAS/OpenMP thread.
-
-    When several ranks share a host each uses one thread (the ranks already fill the
-    cores; with more ranks than cores the log line says that one rank per core is faster); a
-    lone process uses every core it may run on, as that many model replicas in
-    threads (`dpvit.replicas`), which this model's small GEMMs suit better than BLAS threads.
-    The choice is stored in `comm.threads`; the BLAS limit of 1 is applied with threadpoolctl
-    (it persists for the process) and exported in `OMP/OPENBLAS/MKL_NUM_THREADS` for child
-    processes.
-
-    Args:
-        comm: The job's communicator (its `local_size` decides; its `threads` is set).
-        threads: Explicit override; otherwise the `DPVIT_NUM_THREADS` environment variable,
-            otherwise the rule above.
-
-    Returns:
-        The number of worker threads chosen.
-    """
-    cores = available_cores()
-    if threads is None and os.environ.get("DPVIT_NUM_THREADS"):
-        threads = int(os.environ["DPVIT_NUM_THREADS"])
-        reason = "DPVIT_NUM_THREADS"
-    elif threads is not None:
-        reason = "requested"
-    elif comm.oversubscribed:
-        # measured on 2 cores: -n 4 trained at a median 0.90x -n 2 (README, Performance)
-        threads, reason = 1, (f"{comm.local_size} ranks share this host's {cores} cores; "
-                              "one rank per core trains faster")
-    elif comm.local_size > 1:
-        threads, reason = 1, f"{comm.local_size} ranks share this host"
-    else:
-        threads, reason = cores, "one rank on this host"
-    comm.threads = max(1, threads)
-    for name in THREAD_ENV_VARS:
-        os.environ[name] = "1"
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        logger.debug("threadpoolctl is not installed; BLAS thread count left as loaded")
-    else:
-        threadpool_limits(limits=1)
-    if comm.is_root:
-        logger.info("threads per rank: %d (%s), one BLAS thread each", comm.threads, reason)
-    return comm.threads
-
-
-class _RankFormatter(logging.Formatter):
-    """Prefixes `[rank r/N]`, and the level name for warnings and errors."""
-
-    def __init__(self, rank: int, size: int) -> None:
-        super().__init__("%(message)s")
-        self._prefix = f"[rank {rank}/{size}]"
-
-    def format(self, record: logging.LogRecord) -> str:
-        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
-        when = self.formatTime(record, "%H:%M:%S")
-        return f"{when} {self._prefix} {level}{super().format(record)}"
-
-
-def setup_logging(comm: Comm, debug: bool = False) -> None:
-    """Send log records to stderr: rank 0 at INFO (dpvit's own at DEBUG with `debug`, so
-    libraries such as matplotlib stay quiet), others at WARNING."""
-    root = logging.getLogger()
-    for old in [h for h in root.handlers if isinstance(h.formatter, _RankFormatter)]:
-        root.removeHandler(old)  # calling twice (tests, several commands) keeps one handler
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_RankFormatter(comm.rank, comm.size))
-    root.addHandler(handler)
-    root.setLevel(logging.INFO if comm.is_root else logging.WARNING)
-    logging.getLogger("dpvit").setLevel(logging.DEBUG if debug and comm.is_root else logging.NOTSET)
-
-
-def debug_requested(argv: list[str] | None = None) -> bool:
-    """True when `--debug` is on the command line or `DPVIT_DEBUG=1` is set."""
-    args = sys.argv[1:] if argv is None else argv
-    return "--debug" in args or os.environ.get("DPVIT_DEBUG", "") not in ("", "0")
-
-
-def help_requested(argv: list[str] | None = None) -> bool:
-    """True when the command line asks for the usage text (`-h` / `--help`), which is then
-    all a command prints."""
-    args = sys.argv[1:] if argv is None else argv
-    return "-h" in args or "--help" in args
-
-
-def launcher_rank(environ: dict[str, str] | None = None) -> int:
-    """This process's rank as the launcher numbered it (0 without a launcher), read from the
-    environment so that it is known without initialising MPI."""
-    env = os.environ if environ is None else environ
-    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PALS_RANKID", "SLURM_PROCID"):
-        if env.get(name, "").isdigit():
-            return int(env[name])
-    return 0
-
-
-def run_main(main: Callable[[Comm], int | None], argv: list[str] | None = None,
-             single_process: bool = False) -> int:
-    """Run a command's `main(comm)` with dpvit's process setup and failure handling.
-
-    Sets up the communicator (`init_comm`), BLAS threads, logging and the allocator
-    (`keep_freed_memory`), then calls `main`.
-    An uncaught exception on any rank is reported once, by that rank: a `UserError` as its
-    one-line message, anything else as its type and message (with the traceback under
-    `--debug` / `DPVIT_DEBUG=1`). With more than one rank the job is then aborted with
-    `MPI_Abort`, so ranks waiting in a collective end too instead of hanging. An
-    `AgreedError`, raised on every rank together, is reported by rank 0 only and every rank
-    returns its exit code without aborting.
-    KeyboardInterrupt exits with 130, a non-zero `SystemExit` with its code.
-
-    Args:
-        main: The command body; returns an exit status (None means 0).
-        argv: Command-line arguments used to detect `--debug` (default `sys.argv[1:]`).
-        single_process: Give every process a world of one even under a launcher (the
-            training debug mode, where only launcher rank 0 does anything).
-
-    Returns:
-        The exit status, for `sys.exit`. With more than one rank a failure never returns.
-    """
-    debug = debug_requested(argv)
-    comm = init_comm(force_local=single_process)
-    setup_logging(comm, debug=debug)
-    try:
-        if not help_requested(argv):  # the usage text alone, without the thread log line
-            configure_threads(comm)
-        keep_freed_memory()
-        code = main(comm)
-        return 0 if code is None else int(code)
-    except KeyboardInterrupt:
-        logger.error("interrupted")
-        code = 130
-    except SystemExit as exc:
-        if exc.code is None or exc.code == 0:
-            return 0
-        if not isinstance(exc.code, int):
-            logger.error("%s", exc.code)
-        code = exc.code if isinstance(exc.code, int) else 1
-    except AgreedError as exc:  # every rank is here together: report once, exit normally
-        if comm.is_root:
-            logger.log(exc.level, "%s", exc)
-        return exc.exit_code
-    except UserError as exc:
-        if debug:
-            logger.exception("%s", exc)
-        else:
-            logger.error("%s", exc)
-        code = 1
-    except BaseException as exc:
-        if debug:
-            logger.exception("unexpected %s: %s", type(exc).__name__, exc)
-        else:
-            logger.error(
-                "unexpected %s: %s (run with --debug or DPVIT_DEBUG=1 for the traceback)",
-                type(exc).__name__,
-                exc,
-            )
-        code = 1
-    if comm.size > 1:
-        comm.abort(code)
-    return code

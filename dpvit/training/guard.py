@@ -1,5 +1,5 @@
-"""Guards that keep a long job safe: stop signals, the run-directory lock, start-up checks and
-non-finite steps (README.md, "Reliability", has the whole table of faults).
+"""Guards that keep a long job safe: stop signals, the run-directory lock and start-up checks
+(docs/reliability.md has the whole table of faults).
 
 Every check here ends the job on all ranks at the same point, because a rank that stops on its
 own leaves the others waiting in the next collective:
@@ -12,20 +12,17 @@ own leaves the others waiting in the next collective:
   `<run-dir>/.lock` for the job's life and writes and fsyncs a 1 MiB probe file, so a second job
   on the same directory, an unwritable path or a full disk is reported before training starts.
 - `check_same_setup`: every rank must resolve the same configuration with the same dpvit version.
-- `NonFiniteSteps` / `check_finite`: a step with a non-finite loss or gradient norm is skipped;
-  `max_bad_steps` of them in a row, or non-finite parameters, stop the run.
+(`dpvit.training.nonfinite` handles non-finite steps the same way.)
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
-import math
 import os
 import signal
 import socket
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +30,8 @@ import numpy as np
 
 from dpvit import __version__
 from dpvit.config import Config
-from dpvit.dist import Comm
 from dpvit.errors import AgreedError
+from dpvit.parallel.comm import Comm
 
 logger = logging.getLogger(__name__)
 
@@ -182,56 +179,3 @@ def check_same_setup(comm: Comm, cfg: Config) -> None:
             f"rank(s) {sorted(differences)} were started with a different configuration or dpvit "
             f"version than rank 0 ({detail}); start every rank with the same flags, config file "
             "and dpvit install")
-
-
-class NonFiniteSteps:
-    """Decides whether a step may update the model, from its agreed loss and gradient norm.
-
-    Both numbers are identical on every rank (the loss is allreduced, the norm is computed from
-    the allreduced gradient), so every rank skips the same steps without another collective.
-
-    Args:
-        limit: stop the run after this many skipped steps in a row.
-        log_metrics: writes one metrics.jsonl record (a no-op off rank 0).
-    """
-
-    def __init__(self, limit: int, log_metrics: Callable[[dict[str, Any]], None]) -> None:
-        self.limit, self.log_metrics = limit, log_metrics
-        self.in_a_row = 0
-        self.total = 0
-
-    def ok(self, step: int, epoch: int, loss: float, grad_norm: float) -> bool:
-        """True when step number `step` may update; else record and count it as skipped.
-
-        Raises:
-            AgreedError: on the `limit`-th non-finite step in a row.
-        """
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            self.in_a_row = 0
-            return True
-        self.in_a_row += 1
-        self.total += 1
-        self.log_metrics({"kind": "skipped", "step": step, "epoch": epoch, "loss": str(loss),
-                          "grad_norm": str(grad_norm), "in_a_row": self.in_a_row})
-        logger.warning("step %d skipped: loss %s, gradient norm %s (%d in a row, limit %d)",
-                       step, loss, grad_norm, self.in_a_row, self.limit)
-        if self.in_a_row >= self.limit:
-            raise AgreedError(
-                f"stopping at step {step}: {self.in_a_row} steps in a row had a non-finite loss "
-                "or gradient norm (training diverged); no checkpoint holds these values; resume "
-                "from the last checkpoint with a lower --lr, or raise --max-bad-steps")
-        return False
-
-
-def check_finite(buffers: dict[str, np.ndarray], step: int) -> None:
-    """Stop if any of the named buffers holds NaN or Inf.
-
-    Called on the parameters after every update and on the whole training state before every
-    checkpoint, so that no checkpoint holds non-finite values. The buffers are identical on
-    every rank, so every rank stops together.
-    """
-    bad = [name for name, buf in buffers.items() if not np.isfinite(buf).all()]
-    if bad:
-        raise AgreedError(
-            f"stopping at step {step}: the {' and '.join(bad)} became non-finite (NaN or Inf); "
-            "no checkpoint holds these values; resume from the last checkpoint with a lower --lr")

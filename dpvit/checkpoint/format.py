@@ -1,4 +1,4 @@
-"""HDF5 training checkpoints: atomic save, verified load, rolling retention and resume lookup.
+"""The checkpoint file: one HDF5 file per saved state, written atomically, verified on load.
 
 Layout (format version 1), readable with `h5dump` or h5py:
 
@@ -22,13 +22,10 @@ The module is generic over named arrays; it does not know the model classes.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,27 +35,17 @@ import h5py
 import numpy as np
 
 from dpvit import __version__
-from dpvit.errors import UserError
+from dpvit.checkpoint.seal import HEADER_BYTES, CheckpointError, check_sealed, seal
+from dpvit.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 T = TypeVar("T")
-_STEP_RE = re.compile(r"^step-(\d+)\.h5$")
-_TMP_MARK = ".tmp-"  # temporary files are "<final name>.tmp-<pid>-<hex>" (git-ignored)
 _META_ATTRS = ("format_version", "step", "epoch", "position", "world_size", "config")
 # what h5py and the decoders raise on damaged metadata (RuntimeError: e.g. a corrupt local heap,
 # found by tests/test_fuzz.py)
 _READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError)
-# every file starts with a 512-byte HDF5 user block holding _MAGIC and the SHA-256 and size of
-# the whole file, checked before HDF5 reads anything (see _check_sealed)
-_HEADER_BYTES = 512
-_MAGIC = b"dpvit checkpoint\n"
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-
-class CheckpointError(UserError):
-    """A checkpoint file is missing, damaged, or not one this version of dpvit can read."""
 
 
 @dataclass
@@ -73,7 +60,7 @@ class Checkpoint:
         rng: JSON-serialisable RNG state, e.g. {"data": generator.bit_generator.state}.
         step: Optimizer steps done.
         epoch: Current epoch (0-based).
-        position: Steps done inside the current epoch.
+        step_in_epoch: Steps done inside the current epoch (the file's "position" attribute).
         world_size: Number of ranks that wrote it (informational; resume works on any).
         config: The full resolved configuration.
         metrics: Metrics history, one dict per logged step or epoch.
@@ -86,7 +73,7 @@ class Checkpoint:
     rng: dict[str, Any] = field(default_factory=dict)
     step: int = 0
     epoch: int = 0
-    position: int = 0
+    step_in_epoch: int = 0
     world_size: int = 1
     config: dict[str, Any] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
@@ -147,18 +134,6 @@ def _meta_digest(digest: Any, attrs: dict[str, Any], scalars: dict[str, Any]) ->
     digest.update(_to_json({"meta": meta, "optimizer_scalars": scalars}).encode())
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(final: Path) -> Path:
-    return final.with_name(f"{final.name}{_TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}")
-
-
 def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
     """Write `ckpt` to `path` atomically (call on rank 0 only).
 
@@ -175,12 +150,11 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
         ValueError: If a name is not a valid dotted name or a value is not JSON-serialisable.
     """
     final = Path(path)
-    tmp = _tmp_name(final)
     attrs = {
         "format_version": FORMAT_VERSION,
         "step": int(ckpt.step),
         "epoch": int(ckpt.epoch),
-        "position": int(ckpt.position),
+        "position": int(ckpt.step_in_epoch),
         "world_size": int(ckpt.world_size),
         "config": _to_json(ckpt.config),
     }
@@ -189,32 +163,27 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
         for k, v in ckpt.optimizer_scalars.items()
     }
     try:
-        digest = hashlib.sha256()
-        with h5py.File(tmp, "w", locking=False, userblock_size=_HEADER_BYTES) as f:
-            _write_named(f.create_group("params"), ckpt.params, digest)
-            opt = f.create_group("optimizer")
-            for state in sorted(ckpt.optimizer):  # HDF5 lists groups alphabetically
-                if not state or "." in state or "/" in state:
-                    raise ValueError(f"invalid optimizer state name {state!r}")
-                _write_named(opt.create_group(state), ckpt.optimizer[state], digest)
-            for key, value in scalars.items():
-                opt.attrs[key] = value
-            _write_array(f, "rng/state", _bytes_array(_to_json(ckpt.rng)), digest)
-            _write_array(f, "metrics", _bytes_array(_to_json(ckpt.metrics)), digest)
-            _meta_digest(digest, attrs, scalars)
-            f.attrs.update(attrs)
-            f.attrs["dpvit_version"] = __version__
-            f.attrs["digest"] = digest.hexdigest()
-            f.flush()
-        _seal(tmp)
-        _fsync_path(tmp)
-        os.replace(tmp, final)
-        _fsync_path(final.parent)
+        with atomic_write(final) as tmp:
+            digest = hashlib.sha256()
+            with h5py.File(tmp, "w", locking=False, userblock_size=HEADER_BYTES) as f:
+                _write_named(f.create_group("params"), ckpt.params, digest)
+                opt = f.create_group("optimizer")
+                for state in sorted(ckpt.optimizer):  # HDF5 lists groups alphabetically
+                    if not state or "." in state or "/" in state:
+                        raise ValueError(f"invalid optimizer state name {state!r}")
+                    _write_named(opt.create_group(state), ckpt.optimizer[state], digest)
+                for key, value in scalars.items():
+                    opt.attrs[key] = value
+                _write_array(f, "rng/state", _bytes_array(_to_json(ckpt.rng)), digest)
+                _write_array(f, "metrics", _bytes_array(_to_json(ckpt.metrics)), digest)
+                _meta_digest(digest, attrs, scalars)
+                f.attrs.update(attrs)
+                f.attrs["dpvit_version"] = __version__
+                f.attrs["digest"] = digest.hexdigest()
+                f.flush()
+            seal(tmp)
     except OSError as exc:
         raise CheckpointError(f"could not write checkpoint {final}: {exc}") from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
     logger.debug("saved checkpoint %s (step %d)", final, ckpt.step)
 
 
@@ -263,59 +232,10 @@ def _group(parent: h5py.Group, key: str, where: Path) -> h5py.Group:
     return obj
 
 
-def _file_digest(fh: Any) -> tuple[str, int]:
-    """SHA-256 and length of an open file's bytes after the header."""
-    fh.seek(_HEADER_BYTES)
-    digest, size = hashlib.sha256(), _HEADER_BYTES
-    while chunk := fh.read(1 << 20):
-        digest.update(chunk)
-        size += len(chunk)
-    return digest.hexdigest(), size
-
-
-def _seal(path: Path) -> None:
-    """Write the header: magic line, then JSON with the SHA-256 and size of the whole file."""
-    with open(path, "r+b") as fh:
-        sha, size = _file_digest(fh)
-        header = _MAGIC + json.dumps({"sha256": sha, "size": size}).encode() + b"\n"
-        fh.seek(0)
-        fh.write(header.ljust(_HEADER_BYTES, b" "))
-
-
-def _check_sealed(path: Path) -> None:
-    """Compare the file with its header before the HDF5 library parses any of it.
-
-    HDF5 can loop forever on damaged metadata (tests/test_fuzz.py found a flipped byte that
-    makes reading an attribute hang), so a damaged file must be refused on its bytes alone.
-    Files without the header (written before it existed) go straight to HDF5.
-    """
-    with open(path, "rb") as fh:
-        head = fh.read(_HEADER_BYTES)
-        if head[: len(_MAGIC)] != _MAGIC:
-            fh.seek(_HEADER_BYTES)
-            if fh.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
-                raise CheckpointError(f"checkpoint {path} is damaged: its header is unreadable")
-            return
-        try:
-            sealed = json.loads(head[len(_MAGIC):].decode())
-            expected_sha, expected_size = str(sealed["sha256"]), int(sealed["size"])
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError):
-            raise CheckpointError(f"checkpoint {path} is damaged: its header is unreadable") \
-                from None
-        sha, size = _file_digest(fh)
-    if size < expected_size:
-        raise CheckpointError(
-            f"checkpoint {path} is truncated (the file has {size} of its {expected_size} bytes)")
-    if size != expected_size or sha != expected_sha:
-        raise CheckpointError(
-            f"checkpoint {path} is damaged: its SHA-256 digest does not match the one saved with "
-            "it (the file changed after it was written)")
-
-
 def _open(path: Path) -> h5py.File:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    _check_sealed(path)
+    check_sealed(path)
     if not h5py.is_hdf5(path):
         raise CheckpointError(f"checkpoint {path} is not an HDF5 file (empty or wrong file)")
     try:
@@ -400,7 +320,7 @@ def _load(f: h5py.File, where: Path, verify: bool) -> Checkpoint:
         rng=rng,
         step=int(attrs["step"]),
         epoch=int(attrs["epoch"]),
-        position=int(attrs["position"]),
+        step_in_epoch=int(attrs["position"]),
         world_size=int(attrs["world_size"]),
         config=json.loads(attrs["config"]),
         metrics=metrics,
@@ -408,117 +328,23 @@ def _load(f: h5py.File, where: Path, verify: bool) -> Checkpoint:
     )
 
 
-def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
-    """Return the rolling checkpoints `step-<N>.h5` in `ckpt_dir`, sorted by N ascending.
-
-    Temporary files, `last.h5` and `best.h5` are not listed; a missing directory gives [].
-    """
-    directory = Path(ckpt_dir)
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def _checkpoint_dir(run_dir_or_ckpt_dir: str | os.PathLike) -> Path:
-    directory = Path(run_dir_or_ckpt_dir)
-    nested = directory / "checkpoints"
-    return nested if nested.is_dir() else directory
-
-
-def find_resume_checkpoint(run_dir_or_ckpt_dir: str | os.PathLike) -> Path | None:
-    """Return the newest valid checkpoint for `--resume auto`, or None if there is none.
-
-    Candidates are `step-*.h5` and `last.h5` in the run directory's `checkpoints/` (or in
-    the given directory itself), ordered by their stored step. Each is fully loaded and
-    verified, newest first; a damaged one is skipped with a WARNING naming the file and the
-    problem, so a crash or bad disk block in the newest file falls back to an older one.
-    """
-    directory = _checkpoint_dir(run_dir_or_ckpt_dir)
-    candidates = list_checkpoints(directory)
-    last = directory / "last.h5"
-    if last.is_file():
-        candidates.append(last)
-    ranked, seen = [], set()
-    for path in candidates:
-        stat = path.stat()
-        inode = (stat.st_dev, stat.st_ino)
-        if inode in seen:  # last.h5 is usually a hard link to the newest step file
-            continue
-        seen.add(inode)
-        try:
-            step = read_checkpoint_step(path)
-        except CheckpointError as exc:
-            logger.warning("skipping checkpoint %s: %s", path, exc)
-            continue
-        ranked.append((step, path.name != "last.h5", path))
-    for _, _, path in sorted(ranked, reverse=True):
-        try:
-            load_checkpoint(path, verify=True)
-        except CheckpointError as exc:
-            logger.warning("skipping checkpoint %s: %s", path, exc)
-            continue
-        return path
-    return None
-
-
-def prune_checkpoints(ckpt_dir: str | os.PathLike, keep: int) -> None:
-    """Delete all but the newest `keep` `step-*.h5` files, and stale temporary files.
-
-    `last.h5` and `best.h5` are separate links or copies, so they survive pruning. Call it
-    only from the single writer (rank 0), after its save has completed.
-    """
-    if keep < 0:
-        raise ValueError(f"keep must be >= 0, got {keep}")
-    directory = Path(ckpt_dir)
-    steps = list_checkpoints(directory)
-    for path in steps[: max(0, len(steps) - keep)]:
-        path.unlink(missing_ok=True)
-        logger.debug("pruned checkpoint %s", path)
-    for path in directory.glob(f"*.h5{_TMP_MARK}*"):  # left by a writer that was killed
-        path.unlink(missing_ok=True)
-
-
-def _link_atomic(source: Path, target: Path) -> None:
-    """Make `target` name the same content as `source`, replacing it atomically."""
-    tmp = _tmp_name(target)
-    try:
-        try:
-            os.link(source, tmp)
-        except OSError:  # no hard links on this filesystem: copy instead
-            shutil.copyfile(source, tmp)
-            _fsync_path(tmp)
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def save_rolling(ckpt_dir: str | os.PathLike, ckpt: Checkpoint, keep: int, is_best: bool) -> Path:
-    """Save `ckpt_dir/step-<step>.h5`, point `last.h5` (and `best.h5`) at it, then prune.
+def restore_arrays(ckpt: Checkpoint, group: str, saved: dict[str, np.ndarray],
+                   views: dict[str, np.ndarray]) -> None:
+    """Copy every saved array of ``group`` into the model's view of the same name.
 
     Args:
-        ckpt_dir: The run's checkpoints directory (created if missing).
-        ckpt: The state to save.
-        keep: How many `step-*.h5` files to keep.
-        is_best: Also update `best.h5` (e.g. best test accuracy so far).
-
-    Returns:
-        The path of the new step file.
+        ckpt: the checkpoint (its path names the file in errors).
+        group: "params" or "optimizer/<state>", for the message.
+        saved: the checkpoint's arrays of that group, by dotted name.
+        views: the model's views to fill, by dotted name (e.g. ``store.named_params()``).
 
     Raises:
-        CheckpointError: If a file cannot be written.
+        CheckpointError: an array is missing or its shape does not fit the model.
     """
-    directory = Path(ckpt_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"step-{int(ckpt.step)}.h5"
-    save_checkpoint(path, ckpt)
-    try:
-        _link_atomic(path, directory / "last.h5")
-        if is_best:
-            _link_atomic(path, directory / "best.h5")
-        _fsync_path(directory)
-    except OSError as exc:
-        raise CheckpointError(f"could not update last.h5/best.h5 in {directory}: {exc}") from exc
-    prune_checkpoints(directory, keep)
-    return path
+    for name, view in views.items():
+        array = saved.get(name)
+        if array is None or array.shape != view.shape:
+            found = "nothing" if array is None else f"shape {array.shape}"
+            raise CheckpointError(f"checkpoint {ckpt.path}: /{group}/{name} should have shape "
+                                  f"{view.shape} for its model config but has {found}")
+        view[...] = array

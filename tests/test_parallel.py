@@ -1,4 +1,5 @@
-"""Tests for dpvit.dist: LocalComm in-process, MPIComm through real `mpirun` launches."""
+"""Tests for dpvit.parallel and dpvit.cli: LocalComm in-process, MPIComm through real `mpirun`
+launches."""
 
 import logging
 import os
@@ -12,15 +13,17 @@ import pytest
 from helpers import mpirun as find_mpirun
 from helpers import run_dpvit
 
-from dpvit import dist
+from dpvit import cli
 from dpvit.errors import UserError
+from dpvit.parallel import comm as pcomm
+from dpvit.parallel import launcher, threads
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "mpi_workers" / "dist_worker.py"
 
 
 def test_local_comm_collectives_are_identity():
-    comm = dist.LocalComm()
+    comm = pcomm.LocalComm()
     assert (comm.rank, comm.size, comm.local_rank, comm.local_size) == (0, 1, 0, 1)
     assert comm.is_root
     buf = np.arange(6, dtype=np.float32)
@@ -41,17 +44,17 @@ def test_local_comm_collectives_are_identity():
 
 
 def test_init_comm_without_launcher_is_local(monkeypatch):
-    for name in dist.LAUNCHER_ENV_VARS:
+    for name in launcher.LAUNCHER_ENV_VARS:
         monkeypatch.delenv(name, raising=False)
-    assert isinstance(dist.init_comm(), dist.LocalComm)
-    assert dist.launched_by_mpi({"PMI_RANK": "0"})
+    assert isinstance(pcomm.init_comm(), pcomm.LocalComm)
+    assert launcher.launched_by_mpi({"PMI_RANK": "0"})
     monkeypatch.setenv("PMI_RANK", "0")
-    assert isinstance(dist.init_comm(force_local=True), dist.LocalComm)
+    assert isinstance(pcomm.init_comm(force_local=True), pcomm.LocalComm)
 
 
 def test_plain_import_does_not_load_mpi():
-    code = "import sys, dpvit.dist; dpvit.dist.init_comm(); print('mpi4py.MPI' in sys.modules)"
-    env = {k: v for k, v in os.environ.items() if k not in dist.LAUNCHER_ENV_VARS}
+    code = "import sys, dpvit.parallel.comm as c; c.init_comm(); print('mpi4py.MPI' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k not in launcher.LAUNCHER_ENV_VARS}
     out = subprocess.run(
         [sys.executable, "-c", code],
         env={**env, "PYTHONPATH": str(REPO)},
@@ -64,12 +67,12 @@ def test_plain_import_does_not_load_mpi():
 
 
 def test_configure_threads(restore_process_state):
-    comm = dist.LocalComm()
+    comm = pcomm.LocalComm()
     comm.local_size = 2
-    assert dist.configure_threads(comm) == comm.threads == 1
+    assert threads.configure_threads(comm) == comm.threads == 1
     assert os.environ["OMP_NUM_THREADS"] == "1"
     comm.local_size = 1
-    assert dist.configure_threads(comm) == comm.threads == dist.available_cores()
+    assert threads.configure_threads(comm) == comm.threads == threads.available_cores()
     assert os.environ["OPENBLAS_NUM_THREADS"] == "1"  # the replica threads use one each
     from threadpoolctl import threadpool_info
 
@@ -78,16 +81,16 @@ def test_configure_threads(restore_process_state):
 
 def test_more_ranks_than_cores_are_told_what_is_faster(restore_process_state, monkeypatch,
                                                         caplog):
-    monkeypatch.setattr(dist, "available_cores", lambda: 2)
-    comm = dist.LocalComm()
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+    comm = pcomm.LocalComm()
     comm.local_size, comm.oversubscribed = 4, True
-    with caplog.at_level(logging.INFO, logger="dpvit.dist"):
-        assert dist.configure_threads(comm) == 1
+    with caplog.at_level(logging.INFO, logger="dpvit.parallel.threads"):
+        assert threads.configure_threads(comm) == 1
     assert "4 ranks share this host's 2 cores; one rank per core trains faster" in caplog.text
     caplog.clear()
     comm.local_size, comm.oversubscribed = 2, False
-    with caplog.at_level(logging.INFO, logger="dpvit.dist"):
-        dist.configure_threads(comm)
+    with caplog.at_level(logging.INFO, logger="dpvit.parallel.threads"):
+        threads.configure_threads(comm)
     assert "(2 ranks share this host)" in caplog.text
 
 
@@ -96,7 +99,7 @@ def restore_process_state(monkeypatch):
     """run_main sets thread env vars, BLAS limits and a root log handler; undo all after."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    for name in (*dist.THREAD_ENV_VARS, "DPVIT_NUM_THREADS"):
+    for name in (*threads.THREAD_ENV_VARS, "DPVIT_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
@@ -117,12 +120,12 @@ def test_run_main_local_errors(caplog, restore_process_state):
     def interrupted(comm):
         raise KeyboardInterrupt
 
-    assert dist.run_main(lambda comm: None, argv=[]) == 0
-    assert dist.run_main(lambda comm: 3, argv=[]) == 3
+    assert cli.run_main(lambda comm: None, argv=[]) == 0
+    assert cli.run_main(lambda comm: 3, argv=[]) == 3
     with caplog.at_level(logging.ERROR):
-        assert dist.run_main(user_fail, argv=[]) == 1
-        assert dist.run_main(bug, argv=[]) == 1
-        assert dist.run_main(interrupted, argv=[]) == 130
+        assert cli.run_main(user_fail, argv=[]) == 1
+        assert cli.run_main(bug, argv=[]) == 1
+        assert cli.run_main(interrupted, argv=[]) == 130
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert "config file x.toml: unknown key 'lrr'" in messages
     assert any("unexpected ZeroDivisionError" in m and "--debug" in m for m in messages)
