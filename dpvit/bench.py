@@ -6,17 +6,18 @@
     python -m dpvit.bench --scaling               # -n 1 (1 thread), 1 process, -n 2, -n 4;
                                                   # --batch-size images per replica in each
 
-The step measured is a full training step on a fixed synthetic batch (forward, loss, backward,
-gradient allreduce, clipping, AdamW), the same work ``../shared/bench/torch_vit_ref.py``
-times, so the two numbers compare directly. ``--compare-torch`` and ``--scaling`` start their
-own jobs (mpirun, torchrun) one after another, interleaved over ``--rounds``, so every number
-in their table comes from the same run on the same machine; a ratio is the median of the
-rounds' ratios.
+The step measured is the trainer's own step (`dpvit.training.step.TrainStep`: forward, loss,
+backward, gradient allreduce, clipping, AdamW) on a fixed synthetic batch, the same work the
+PyTorch reference ``launch/bench/torch_vit_ref.py`` times, so the two numbers compare
+directly. ``--compare-torch`` and ``--scaling`` start their own jobs (mpirun, torchrun) one
+after another, interleaved over ``--rounds``, so every number in their table comes from the
+same run on the same machine; a ratio is the median of the rounds' ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -46,7 +47,9 @@ from dpvit.vit import ViTConfig
 
 logger = logging.getLogger("dpvit.bench")
 
-DEFAULT_TORCH_REF = Path(__file__).resolve().parents[1].parent / "shared/bench/torch_vit_ref.py"
+#: The PyTorch reference script in a checkout of the repository (an installed dpvit has none:
+#: pass ``--torch-ref PATH``).
+DEFAULT_TORCH_REF = Path(__file__).resolve().parents[1] / "launch" / "bench" / "torch_vit_ref.py"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -72,7 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ranks", type=int, default=2, help="processes for --compare-torch")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds for comparisons")
     p.add_argument("--torch-ref", type=Path, default=DEFAULT_TORCH_REF,
-                   help="path of torch_vit_ref.py")
+                   help="the PyTorch reference script (default: launch/bench/torch_vit_ref.py "
+                        "in the repository)")
     args = p.parse_args(argv)
     for name in ("batch_size", "steps", "repeats", "ranks", "rounds"):
         if getattr(args, name) < 1:
@@ -162,16 +166,20 @@ def dpvit_job(args: argparse.Namespace, ranks: int | None, threads: int,
     return json.loads(_run(cmd, {"DPVIT_NUM_THREADS": str(threads)}))
 
 
+def check_torch_reference(torch_ref: Path) -> None:
+    """Before any job runs: PyTorch is installed and the reference script exists."""
+    if importlib.util.find_spec("torch") is None:
+        raise UserError("--compare-torch needs PyTorch: pip install torch==2.13.0 "
+                        "(a CPU build; never a dependency of dpvit)")
+    if not torch_ref.is_file():
+        raise UserError(f"PyTorch reference {torch_ref} not found; pass --torch-ref PATH "
+                        "(launch/bench/torch_vit_ref.py in the dpvit repository)")
+
+
 def torch_job(args: argparse.Namespace, ranks: int, threads: int) -> dict[str, Any]:
     """``images_per_s`` of the PyTorch reference: DDP (gloo) over ``ranks`` processes if
     ranks > 1."""
-    try:
-        import torch  # noqa: F401  (only to check that it is installed)
-    except ImportError:
-        raise UserError("--compare-torch needs PyTorch: pip install torch==2.13.0 "
-                        "(a CPU build; never a dependency of dpvit)") from None
-    if not args.torch_ref.is_file():
-        raise UserError(f"PyTorch reference {args.torch_ref} not found; pass --torch-ref PATH")
+    check_torch_reference(args.torch_ref)
     ref = [str(args.torch_ref), "--threads", str(threads), "--batch", str(args.batch_size),
            "--steps", str(args.steps * args.repeats), "--dim", str(args.dim),
            "--depth", str(args.depth), "--heads", str(args.heads),
@@ -261,6 +269,8 @@ def run(comm: Comm, argv: list[str] | None) -> int:
         if comm.size > 1:
             raise ConfigError("--compare-torch and --scaling start their own jobs; run them "
                               "without mpirun (use --ranks N)")
+        if args.compare_torch:
+            check_torch_reference(args.torch_ref)
         jobs, ratios = comparison_jobs(args)
         result, text = summarize_comparison(args, compare(args, jobs), ratios)
     else:

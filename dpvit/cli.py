@@ -3,7 +3,8 @@
 `run_main` wraps every command: it picks the communicator, sets BLAS threads, configures
 logging, and turns an exception on any rank into one clear message followed by `MPI_Abort`,
 so that the other ranks never hang in a collective (what `python -m mpi4py` does, but built in
-because users type `mpirun -n 4 python -m dpvit.train`).
+because users type `mpirun -n 4 python -m dpvit.train`). A mistake that every rank makes alike,
+such as a bad flag, is agreed on first (`agree`) and reported once by rank 0, without an abort.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from dpvit.errors import AgreedError, ConfigError, UserError
 from dpvit.parallel.allocator import keep_freed_memory
@@ -20,6 +22,8 @@ from dpvit.parallel.comm import Comm, init_comm
 from dpvit.parallel.threads import configure_threads
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class CliParser(argparse.ArgumentParser):
@@ -68,37 +72,107 @@ def help_requested(argv: list[str] | None = None) -> bool:
     return "-h" in args or "--help" in args
 
 
+def agree(comm: Comm, step: Callable[..., T], *args: Any, root_only: bool = False) -> T | None:
+    """Run `step(*args)` on every rank (or on rank 0 alone), then make a failure every rank's.
+
+    Every rank must call `agree` at the same point. The ranks then exchange the outcome (one
+    `allgather` of None or a message; with `root_only`, one broadcast from rank 0), and if
+    `step` raised a `UserError` anywhere, every rank raises the same `AgreedError`:
+    `run_main` prints it once, from rank 0, and every rank exits 1 without `MPI_Abort`. The
+    message is the lowest failing rank's; when only some ranks failed, or they failed
+    differently, it names the failing ranks (e.g. a flag only one rank was started with). Any
+    other exception propagates at once and aborts the job as usual.
+
+    Args:
+        comm: The job's communicator.
+        step: What to run, e.g. argument parsing, or reading a file on rank 0.
+        args: Its arguments.
+        root_only: Run `step` on rank 0 only (reading one file for everyone); the other
+            ranks get None.
+
+    Returns:
+        What `step` returned on this rank (None where it did not run).
+
+    Raises:
+        AgreedError: on every rank, when `step` raised a `UserError`.
+    """
+    result, error = None, None
+    if comm.is_root or not root_only:
+        try:
+            result = step(*args)
+        except AgreedError:
+            raise  # already raised on every rank together
+        except UserError as exc:
+            error = str(exc)
+    if root_only:
+        error = comm.broadcast_object(error)
+        if error is not None:
+            raise AgreedError(error)
+        return result
+    errors = comm.allgather_object(error)
+    failed = [rank for rank, message in enumerate(errors) if message is not None]
+    if not failed:
+        return result
+    message = errors[failed[0]]
+    if len(failed) < comm.size or any(errors[rank] != message for rank in failed):
+        message = f"{message} (on rank(s) {failed} of {comm.size})"
+    raise AgreedError(message) from None
+
 
 def run_main(main: Callable[[Comm], int | None], argv: list[str] | None = None,
-             single_process: bool = False) -> int:
+             single_process: bool = False,
+             parse_args: Callable[[list[str] | None], object] | None = None,
+             announce_threads: bool = False) -> int:
     """Run a command's `main(comm)` with dpvit's process setup and failure handling.
 
-    Sets up the communicator (`init_comm`), BLAS threads, logging and the allocator
-    (`keep_freed_memory`), then calls `main`.
-    An uncaught exception on any rank is reported once, by that rank: a `UserError` as its
-    one-line message, anything else as its type and message (with the traceback under
-    `--debug` / `DPVIT_DEBUG=1`). With more than one rank the job is then aborted with
-    `MPI_Abort`, so ranks waiting in a collective end too instead of hanging. An
-    `AgreedError`, raised on every rank together, is reported by rank 0 only and every rank
-    returns its exit code without aborting.
+    Sets up the communicator (`init_comm`), logging and the allocator (`keep_freed_memory`),
+    checks the command line with `parse_args` on every rank (`agree`), sets the BLAS threads
+    (`configure_threads`), then calls `main`.
+
+    Every rank ends after an error, in one of two ways:
+
+    - Agreed errors exit 1 on every rank, reported by rank 0 alone, without `MPI_Abort`:
+      a `UserError` from `parse_args` (unknown flags, bad values, config files and
+      `ConfigError` from validation: every rank parses the same command line, and `agree`
+      makes it so even when they differ), and an `AgreedError` from `main` (a stop the ranks
+      agreed on through a collective, or a start-up check that rank 0 made and broadcast,
+      such as a missing checkpoint for `--resume must`). An `AgreedError` carries its own
+      exit status.
+    - Anything else may be raised on some ranks only, while the others wait in a collective:
+      it is reported by the rank that raised it, a `UserError` as its one-line message,
+      anything else as its type and message (with the traceback under `--debug` /
+      `DPVIT_DEBUG=1`), and with more than one rank the job is then ended with `MPI_Abort`.
+      A `ConfigError` raised inside `main` is such an error: use `agree` around a step that
+      every rank takes alike to report its errors once.
+
     KeyboardInterrupt exits with 130, a non-zero `SystemExit` with its code.
 
     Args:
         main: The command body; returns an exit status (None means 0).
-        argv: Command-line arguments used to detect `--debug` (default `sys.argv[1:]`).
+        argv: Command-line arguments used to detect `--debug` and `--help` and given to
+            `parse_args` (default `sys.argv[1:]`).
         single_process: Give every process a world of one even under a launcher (the
             training debug mode, where only launcher rank 0 does anything).
+        parse_args: The command's argument parsing and validation, `parse_args(argv)`; its
+            result is discarded (`main` parses again: milliseconds) and its `UserError` is
+            agreed, so that a bad flag is one line from rank 0 before anything else is said.
+        announce_threads: Log the threads chosen per rank at INFO on rank 0, after the
+            arguments are checked (training and bench, where the thread count matters);
+            otherwise the line is at DEBUG.
 
     Returns:
-        The exit status, for `sys.exit`. With more than one rank a failure never returns.
+        The exit status, for `sys.exit`. With more than one rank a failure that is not
+        agreed never returns.
     """
     debug = debug_requested(argv)
     comm = init_comm(force_local=single_process)
     setup_logging(comm, debug=debug)
     try:
-        if not help_requested(argv):  # the usage text alone, without the thread log line
-            configure_threads(comm)
         keep_freed_memory()
+        if parse_args is not None:
+            agree(comm, parse_args, argv)
+        announce = announce_threads and not help_requested(argv)  # usage text alone
+        configure_threads(comm, level=logging.INFO if announce else logging.DEBUG)
         code = main(comm)
         return 0 if code is None else int(code)
     except KeyboardInterrupt:

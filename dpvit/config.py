@@ -1,7 +1,7 @@
 """Configuration: dataclasses with defaults, then a TOML file, then command-line flags.
 
 Every field of ``ViTConfig`` and ``TrainConfig`` is a flag: ``--<name>`` with ``_`` written as
-``-`` (a few model fields have the short names DESIGN.md gives, e.g. ``--dim`` for
+``-`` (a few model fields have short names, e.g. ``--dim`` for
 ``embed_dim``). A TOML file given with ``--config FILE`` (or the name of a preset shipped in
 ``dpvit/configs/``, e.g. ``--config mnist``) may set the same keys, written as the flag names
 with underscores; flags given on the command line win over the file.
@@ -38,6 +38,9 @@ class TrainConfig:
     dataset: str = option("mnist", "dataset", choices=("mnist", "fashion-mnist"))
     data_dir: str | None = option(None, "dataset directory (default: $DPVIT_DATA_DIR, "
                                       "else data/<dataset>)")
+    store_dir: str | None = option(None, "where to write the converted HDF5 store (default: "
+                                       "data/<dataset>/ when that is the data directory, "
+                                       "else $DPVIT_CACHE_DIR or ~/.cache/dpvit)")
     epochs: int = option(8, "training epochs")
     max_steps: int | None = option(None, "stop after this many optimizer steps in all")
     batch_size: int = option(64, "global batch size, across all ranks")
@@ -62,38 +65,48 @@ class TrainConfig:
     no_aug_epochs: int = option(1, "train the last N epochs on unaugmented images")
     seed: int = option(0, "seed for initialisation, shuffling, augmentation and dropout")
     run_dir: str | None = option(None, "output directory (default runs/<dataset>-<timestamp>)")
-    resume: str | None = option(None, "'auto' (newest valid checkpoint in run_dir) or a path")
+    resume: str | None = option(None, "'auto': continue from the newest valid checkpoint in "
+                                      "--run-dir, or start a new run (with a warning) when "
+                                      "there is none; 'must': the same, but fail when there is "
+                                      "none; or a checkpoint path")
     checkpoint_every: int = option(0, "also checkpoint every N steps (0: only at epoch ends)")
     keep: int = option(3, "rolling step checkpoints to keep")
     log_every: int = option(50, "log training metrics every N steps")
     train_subset: int | None = option(None, "use only the first N training images")
     test_subset: int | None = option(None, "use only the first N test images")
     dtype: str = option("float32", "parameter and activation dtype", choices=("float32", "float64"))
-    no_progress: bool = option(False, "plain log lines instead of a progress bar")
+    progress: str = option("auto", "what rank 0 shows while training: auto (a live bar when a "
+                           "terminal shows stderr, also under mpirun; else plain), bar, plain "
+                           "(a log line every --log-every steps with percentage and ETA), none",
+                           choices=("auto", "bar", "plain", "none"))
+    no_progress: bool = option(False, "same as --progress plain")
     debug: bool = option(False, "single-process debug mode: float64, small subset, checks")
+    collective_timeout: float = option(600.0, "seconds a rank may wait in one collective "
+                                              "before the whole job stops with a message "
+                                              "naming the missing ranks (0: wait forever)")
 
     def validate(self) -> None:
-        """Raise ConfigError with one clear sentence for an impossible setting."""
-        positive = ("epochs", "batch_size", "keep", "log_every", "max_bad_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("max_steps", "train_subset", "test_subset"):
+        """Raise ConfigError with one clear sentence for an impossible setting, naming the
+        setting as its flag is typed (``--batch-size``)."""
+        for name in ("epochs", "batch_size", "keep", "log_every", "max_bad_steps", "max_steps",
+                     "train_subset", "test_subset"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value}")
+                raise ConfigError(f"{_flag(self, name)} must be a positive integer, got {value}")
         if self.lr <= 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
-        if self.warmup_epochs < 0 or self.checkpoint_every < 0 or self.grad_clip < 0:
-            raise ConfigError("warmup_epochs, checkpoint_every and grad_clip must not be negative")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.no_aug_epochs < 0:
-            raise ConfigError(f"no_aug_epochs must not be negative, got {self.no_aug_epochs}")
-        if min(self.aug_shift, self.aug_rotate) < 0 or not 0.0 <= self.aug_zoom < 1.0:
-            raise ConfigError("aug_shift and aug_rotate must not be negative and aug_zoom must "
-                              f"be in [0, 1), got {self.aug_shift}, {self.aug_rotate}, "
-                              f"{self.aug_zoom}")
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        for name in ("warmup_epochs", "checkpoint_every", "grad_clip", "no_aug_epochs",
+                     "aug_shift", "aug_rotate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_flag(self, name)} must not be negative, "
+                                  f"got {getattr(self, name)}")
+        for name in ("label_smoothing", "aug_zoom"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{_flag(self, name)} must be in [0, 1), "
+                                  f"got {getattr(self, name)}")
+        if self.resume in ("auto", "must") and not self.run_dir:
+            raise ConfigError(f"--resume {self.resume} needs --run-dir (the run directory to "
+                              "continue)")
 
     def augmentation(self, epoch: int) -> Augmentation | None:
         """The training-image perturbation in ``epoch`` (0-based), or None for clean images.
@@ -132,6 +145,11 @@ def _flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or f.name.replace("_", "-")
 
 
+def _flag(obj: Any, name: str) -> str:
+    """The flag of config field ``name`` as the user types it: ``--batch-size``."""
+    return "--" + _flag_name(next(f for f in fields(obj) if f.name == name))
+
+
 def _key_map() -> dict[str, tuple[str, str]]:
     """TOML/flag key (underscored) -> (section, field name)."""
     keys = {}
@@ -149,7 +167,7 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
         return None
     if f.name in ("max_steps", "train_subset", "test_subset"):
         kind = int
-    elif f.name in ("data_dir", "run_dir", "resume"):
+    elif f.name in ("data_dir", "store_dir", "run_dir", "resume"):
         kind = str
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpvit.cli import CliParser, run_main
+from dpvit.cli import CliParser, agree, run_main
 from dpvit.config import Config
 from dpvit.data import DATASETS, load_split, prepare_dataset
 from dpvit.errors import ConfigError
@@ -40,6 +40,9 @@ def build_parser() -> CliParser:
                         help="dataset to score on (default: the checkpoint's)")
     parser.add_argument("--data-dir", help="dataset directory (default: the checkpoint's, "
                                            "else $DPVIT_DATA_DIR, else data/<dataset>)")
+    parser.add_argument("--store-dir", help="where the converted test-split store is written "
+                                            "(default: the checkpoint's, else data/<dataset>/ "
+                                            "when that is the data directory, else the cache)")
     parser.add_argument("--run-dir", type=Path,
                         help="write <run-dir>/report/ (default: the checkpoint's run directory)")
     parser.add_argument("--batch-size", type=int, default=EVAL_BATCH,
@@ -66,7 +69,10 @@ def run(comm: Comm, argv: list[str] | None) -> int:
     info = DATASETS[dataset]
     if (model.cfg.num_classes, model.cfg.img_size) != (info.num_classes, info.image_shape[0]):
         raise ConfigError(f"the checkpoint's model does not fit {dataset} images and classes")
-    store = prepare_dataset(dataset, args.data_dir or cfg.train.data_dir, comm)
+    # the test split alone: scoring never fetches or converts the training files
+    store = agree(comm, partial(prepare_dataset, dataset, args.data_dir or cfg.train.data_dir,
+                                comm, store_dir=args.store_dir or cfg.train.store_dir,
+                                splits=("test",)))
     images, labels = load_split(store, "test")
     if args.test_subset is not None:
         images, labels = images[: args.test_subset], labels[: args.test_subset]
@@ -78,7 +84,9 @@ def run(comm: Comm, argv: list[str] | None) -> int:
     if comm.is_root:
         context = ReportContext(images=images, labels=labels, predictions=result.predictions,
                                 confidences=result.confidences, model=model, info=info,
-                                metrics=read_metrics(run_dir / "metrics.jsonl"))
+                                metrics=read_metrics(run_dir / "metrics.jsonl"),
+                                run_name=run_dir.resolve().name, config=cfg_dict,
+                                checkpoint=str(args.checkpoint))
         write_report(result.report, run_dir / "report", context)
     r = result.report
     logger.info("test loss %.4f, accuracy %.2f%%, macro F1 %.4f; report in %s", r["loss"],

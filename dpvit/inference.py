@@ -36,7 +36,7 @@ class Evaluation:
     """The outcome of scoring a split, identical on every rank.
 
     Attributes:
-        report: the report.json dictionary (DESIGN.md keys).
+        report: the report.json dictionary (its keys: docs/design.md).
         predictions: (N,) int64 predicted class of every image, in split order.
         confidences: (N,) float64 softmax probability of the predicted class.
     """

@@ -14,6 +14,7 @@ model replicas, so a lone process scores a whole idx file on every core.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -48,6 +49,14 @@ def build_parser() -> CliParser:
     return parser
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, checked (ConfigError for a bad flag or value)."""
+    args = build_parser().parse_args(argv)
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k must be a positive integer, got {args.top_k}")
+    return args
+
+
 def classify(replicas: Replicas, names: list[str], mean: float, std: float,
              images: list[tuple[str, np.ndarray]], top_k: int) -> list[dict[str, Any]]:
     """Top-k classes for prepared (28, 28) uint8 images: [{"file", "top_k": [...]}, ...]."""
@@ -65,9 +74,7 @@ def classify(replicas: Replicas, names: list[str], mean: float, std: float,
 
 def run(comm: Comm, argv: list[str] | None) -> int:
     """The command body (rank 0 only does the work)."""
-    args = build_parser().parse_args(argv)
-    if args.top_k < 1:
-        raise ConfigError(f"--top-k must be a positive integer, got {args.top_k}")
+    args = parse_args(argv)
     if not comm.is_root:
         return 0
     model, cfg, _ = load_model(args.checkpoint)
@@ -98,7 +105,7 @@ def run(comm: Comm, argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (``dpvit-predict``)."""
-    sys.exit(run_main(partial(run, argv=argv), argv))
+    sys.exit(run_main(partial(run, argv=argv), argv, parse_args=parse_args))
 
 
 if __name__ == "__main__":

@@ -24,10 +24,14 @@ from dpvit.nn.attention import Attention
 from dpvit.nn.layers import GELU, LayerNorm, Linear
 from dpvit.nn.losses import CrossEntropyLoss
 from dpvit.nn.patch_embed import PatchEmbed, stem_widths
-from dpvit.optim import AdamW, clip_grad_norm_
+from dpvit.optim import AdamW
 from dpvit.parallel.comm import Comm
-from dpvit.parallel.replicas import MICRO_BATCH, Replicas
+from dpvit.parallel.replicas import MICRO_BATCH
+from dpvit.training.step import TrainStep
 from dpvit.vit import Mlp, VisionTransformer, ViTConfig
+
+#: The benchmark's learning rate, as the PyTorch reference's AdamW.
+LR = 1e-3
 
 
 def forward_flops_per_image(cfg: ViTConfig) -> float:
@@ -82,8 +86,9 @@ class StepTimes:
 
 
 class StepBench:
-    """A full training step on a fixed synthetic batch, as the PyTorch reference measures it:
-    zero grads, forward, loss, backward, gradient allreduce, clipping, AdamW step.
+    """The trainer's own step (`dpvit.training.step.TrainStep`: zero grads, forward, loss,
+    backward, gradient allreduce, clipping, AdamW) on a fixed synthetic batch, the work the
+    PyTorch reference measures.
 
     Args:
         cfg: model shape.
@@ -95,41 +100,29 @@ class StepBench:
 
     def __init__(self, cfg: ViTConfig, comm: Comm, batch_per_rank: int,
                  dtype: str = "float32", micro_batch: int = MICRO_BATCH) -> None:
-        self.comm, self.batch = comm, batch_per_rank
+        self.comm = comm
         self.model = VisionTransformer(cfg, np.dtype(dtype), seed=0)
-        self.replicas = Replicas(self.model, comm.threads, micro_batch)
-        self.optimizer = AdamW(self.model.store, lr=1e-3)
-        self.loss_fn = CrossEntropyLoss()
+        self.optimizer = AdamW(self.model.store, lr=LR)
+        self.train_step = TrainStep(self.model, comm, self.optimizer, CrossEntropyLoss(),
+                                    batch_size=batch_per_rank * comm.size, grad_clip=1.0,
+                                    seed=0, micro_batch=micro_batch)
         rng = np.random.default_rng(comm.rank)
         shape = (batch_per_rank, cfg.in_chans, cfg.img_size, cfg.img_size)
         self.x = rng.random(shape).astype(dtype)
         self.y = rng.integers(0, cfg.num_classes, batch_per_rank)
-        self.indices = np.arange(batch_per_rank)
-        self.compute_seconds = self.allreduce_seconds = 0.0
-
-    def _share_step(self, model: VisionTransformer, indices: np.ndarray, x: np.ndarray,
-                    y: np.ndarray) -> tuple[float, float]:
-        logits = model.forward(x, train=True)
-        loss, dlogits = self.loss_fn(logits, y, denominator=self.batch * self.comm.size)
-        model.backward(dlogits, input_grad=False)
-        return loss, 0.0
+        self.indices = comm.rank * batch_per_rank + np.arange(batch_per_rank)
+        self.steps = 0
 
     def step(self) -> None:
-        store = self.model.store
-        start = time.perf_counter()
-        self.replicas.forward_backward(self._share_step, self.indices, self.x, self.y)
-        reduce_start = time.perf_counter()
-        self.comm.allreduce_sum_(store.grad_buffer)
-        self.allreduce_seconds += time.perf_counter() - reduce_start
-        self.compute_seconds += reduce_start - start
-        clip_grad_norm_(store.flat_grads, 1.0)
-        self.optimizer.step()
+        self.train_step(self.steps, self.indices, self.x, self.y, LR)
+        self.steps += 1
 
     def run(self, steps: int, warmup: int, repeats: int) -> StepTimes:
         """Time ``repeats`` blocks of ``steps`` steps after ``warmup`` untimed ones."""
         for _ in range(warmup):
             self.step()
-        self.compute_seconds = self.allreduce_seconds = 0.0
+        timed = self.train_step
+        timed.compute_seconds = timed.allreduce_seconds = 0.0
         times = []
         for _ in range(repeats):
             self.comm.barrier()
@@ -137,9 +130,9 @@ class StepBench:
             for _ in range(steps):
                 self.step()
             times.append(self.comm.allreduce_max(time.perf_counter() - start))
-        return StepTimes(times, self.comm.allreduce_max(self.allreduce_seconds), steps,
-                         self.comm.allreduce_min(self.compute_seconds),
-                         self.comm.allreduce_max(self.compute_seconds))
+        return StepTimes(times, self.comm.allreduce_max(timed.allreduce_seconds), steps,
+                         self.comm.allreduce_min(timed.compute_seconds),
+                         self.comm.allreduce_max(timed.compute_seconds))
 
 
 def summarize(times: StepTimes, images_per_step: int) -> dict[str, float]:

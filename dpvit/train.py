@@ -9,7 +9,9 @@ directory; the other ranks write nothing.
 
 Exit status: 0 done; 1 an error (one line naming the file or setting); 143 (SIGTERM) or 130
 (SIGINT) after a requested stop, with a checkpoint of the last step written, so a scheduler
-can requeue the same command with ``--resume auto``. docs/reliability.md lists the faults.
+can requeue the same command with ``--resume auto`` (or ``--resume must``, which fails instead
+of starting a new run when the run directory has no valid checkpoint). docs/reliability.md
+lists the faults.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from functools import partial
 from pathlib import Path
 
 from dpvit.checkpoint import Checkpoint, find_resume_checkpoint, load_checkpoint
-from dpvit.cli import run_main
+from dpvit.cli import agree, run_main
 from dpvit.config import Config, load_config
-from dpvit.errors import ConfigError
+from dpvit.data import prepare_dataset
+from dpvit.errors import ConfigError, UserError
 from dpvit.parallel.comm import Comm
 from dpvit.parallel.launcher import launcher_rank
 from dpvit.training.guard import RunDirLock, StopSignals, check_same_setup
@@ -50,27 +53,56 @@ def resolve_run_dir(cfg: Config, comm: Comm) -> Path:
     """``--run-dir``, or ``runs/<dataset>-<timestamp>`` chosen by rank 0 for every rank."""
     if cfg.train.run_dir:
         return Path(cfg.train.run_dir)
-    if cfg.train.resume == "auto":
-        raise ConfigError("--resume auto needs --run-dir (the run directory to continue)")
     stamp = comm.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
     return Path("runs") / f"{cfg.train.dataset}-{stamp}"
 
 
 def find_checkpoint(cfg: Config, run_dir: Path) -> Checkpoint | None:
-    """Rank 0: the checkpoint named by ``--resume`` (None when there is nothing to resume)."""
-    if not cfg.train.resume:
+    """Rank 0: the checkpoint named by ``--resume`` (None when there is nothing to resume).
+
+    ``--resume auto`` and ``--resume must`` take the newest valid checkpoint in ``run_dir``;
+    when there is none, ``auto`` warns and starts a new run (so a mistyped ``--run-dir`` is
+    seen) and ``must`` fails (for schedulers that requeue a job which must continue).
+
+    Raises:
+        UserError: ``--resume must`` found no valid checkpoint, or the named file is missing
+            or damaged.
+    """
+    resume = cfg.train.resume
+    if not resume:
         return None
-    if cfg.train.resume == "auto":
+    if resume in ("auto", "must"):
         path = find_resume_checkpoint(run_dir)
+        if path is None and resume == "must":
+            raise UserError(f"--resume must found no valid checkpoint in {run_dir}; check "
+                            "--run-dir (--resume auto would start a new run there)")
         if path is None:
-            logger.info("--resume auto: no valid checkpoint in %s, starting fresh", run_dir)
+            logger.info("--resume auto found no checkpoint in %s; starting a new run",
+                           run_dir)
             return None
     else:
-        path = Path(cfg.train.resume)
+        path = Path(resume)
     ckpt = load_checkpoint(path)
     logger.info("resuming from %s (step %d, saved by %d rank(s))", path, ckpt.step,
                 ckpt.world_size)
     return ckpt
+
+
+def resume_point(comm: Comm, cfg: Config, explicit: set[str],
+                 run_dir: Path) -> tuple[Config, Checkpoint | None]:
+    """``--resume`` on every rank: the run's config and rank 0's checkpoint (None elsewhere,
+    and when there is nothing to resume).
+
+    Rank 0 finds and reads the checkpoint (`find_checkpoint`); every rank then takes its
+    config (`merge_resumed_config`). Both steps are agreed (`dpvit.cli.agree`): no valid
+    checkpoint for ``--resume must``, a damaged file or a model flag that contradicts the
+    checkpoint is one line from rank 0, and every rank exits 1 without an MPI abort.
+    """
+    ckpt = agree(comm, find_checkpoint, cfg, run_dir, root_only=True)
+    saved = comm.broadcast_object((ckpt.config, str(ckpt.path)) if ckpt is not None else None)
+    if saved is None:
+        return cfg, ckpt
+    return agree(comm, merge_resumed_config, cfg, explicit, *saved), ckpt
 
 
 def merge_resumed_config(cfg: Config, explicit: set[str], saved: dict, source: str) -> Config:
@@ -96,29 +128,33 @@ def merge_resumed_config(cfg: Config, explicit: set[str], saved: dict, source: s
 def run(comm: Comm, argv: list[str] | None) -> int:
     """The command body, run on every rank by ``run_main``."""
     cfg, explicit = load_config(argv)
+    comm.set_collective_timeout(cfg.train.collective_timeout)
     if cfg.train.debug:
         if launcher_rank() != 0:
             return 0  # debug mode is one process whatever the launcher: launcher rank 0
         apply_debug_settings(cfg, explicit)
     run_dir = resolve_run_dir(cfg, comm)
     cfg.train.run_dir = str(run_dir)
-    with StopSignals() as stop, RunDirLock(comm, run_dir):
-        return train_in_claimed_dir(run_dir, comm, cfg, explicit, stop)
-
-
-def train_in_claimed_dir(run_dir: Path, comm: Comm, cfg: Config, explicit: set[str],
-             stop: StopSignals) -> int:
-    """Resume or start in the claimed ``run_dir`` once every rank agrees on the setup; train."""
-    ckpt = find_checkpoint(cfg, run_dir) if comm.is_root else None
-    saved = comm.broadcast_object((ckpt.config, str(ckpt.path)) if ckpt is not None else None)
-    if saved is not None:
-        cfg = merge_resumed_config(cfg, explicit, *saved)
+    # What can fail without writing anything (the checkpoint to resume, the setup, the data:
+    # offline, files missing) comes before the run directory is created, so a start that
+    # cannot train leaves no empty run directory behind.
+    cfg, ckpt = resume_point(comm, cfg, explicit, run_dir)
     check_same_setup(comm, cfg)
+    store_path = agree(comm, partial(prepare_dataset, cfg.train.dataset, cfg.train.data_dir,
+                                     comm, store_dir=cfg.train.store_dir))
+    with StopSignals() as stop, RunDirLock(comm, run_dir):
+        return train_in_claimed_dir(run_dir, comm, cfg, ckpt, stop, store_path)
+
+
+def train_in_claimed_dir(run_dir: Path, comm: Comm, cfg: Config, ckpt: Checkpoint | None,
+                         stop: StopSignals, store_path: Path) -> int:
+    """Start or resume (``ckpt``, rank 0's) in the claimed ``run_dir`` with the dataset store
+    every rank prepared; train."""
     if comm.is_root:
         (run_dir / "config.json").write_text(cfg.to_json() + "\n")
         logger.info("run directory %s; model %s", run_dir, _describe(cfg.model))
     comm.barrier()
-    trainer = Trainer(cfg, comm, run_dir, stop)
+    trainer = Trainer(cfg, comm, run_dir, stop, store_path=store_path)
     trainer.restore_everywhere(ckpt)
     start = time.perf_counter()
     report = trainer.fit()
@@ -138,7 +174,8 @@ def _describe(model: ViTConfig) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (``dpvit-train``)."""
     args = sys.argv[1:] if argv is None else argv
-    sys.exit(run_main(partial(run, argv=argv), argv, single_process="--debug" in args))
+    sys.exit(run_main(partial(run, argv=argv), argv, single_process="--debug" in args,
+                      parse_args=load_config, announce_threads=True))
 
 
 if __name__ == "__main__":

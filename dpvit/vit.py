@@ -50,37 +50,40 @@ class ViTConfig:
         return self.patch_size + 2 * self.patch_overlap
 
     def validate(self) -> None:
-        """Raise ConfigError with one clear sentence for an impossible shape."""
-        for name in ("img_size", "in_chans", "num_classes", "patch_size", "embed_dim", "depth",
-                     "num_heads"):
+        """Raise ConfigError with one clear sentence for an impossible shape, naming each
+        setting as its flag is typed (``--dim``, ``--heads``)."""
+        flags = {"img_size": "--img-size", "in_chans": "--in-chans",
+                 "num_classes": "--num-classes", "patch_size": "--patch-size",
+                 "embed_dim": "--dim", "depth": "--depth", "num_heads": "--heads"}
+        for name, flag in flags.items():
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+                raise ConfigError(f"{flag} must be a positive integer, got {getattr(self, name)}")
         if self.img_size % self.patch_size:
             raise ConfigError(
-                f"patch_size ({self.patch_size}) must divide img_size ({self.img_size})"
+                f"--patch-size ({self.patch_size}) must divide --img-size ({self.img_size})"
             )
         if self.embed_dim % self.num_heads:
             raise ConfigError(
-                f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
+                f"--dim ({self.embed_dim}) must be divisible by --heads ({self.num_heads})"
             )
         if self.patch_embed == "stem" and (self.patch_size < 2
                                            or self.patch_size & (self.patch_size - 1)
                                            or self.embed_dim % (self.patch_size // 2)):
-            raise ConfigError(f"a stem patch embedding needs patch_size a power of 2 >= 2 "
-                              f"(one stride-2 conv per halving) and embed_dim divisible by "
-                              f"patch_size / 2; got {self.patch_size} and {self.embed_dim}")
+            raise ConfigError(f"--patch-embed stem needs --patch-size a power of 2 >= 2 "
+                              f"(one stride-2 conv per halving) and --dim divisible by "
+                              f"--patch-size / 2; got {self.patch_size} and {self.embed_dim}")
         if self.patch_overlap < 0 or (self.patch_overlap and self.patch_embed != "conv"):
-            raise ConfigError(f"patch_overlap must be 0, or positive with patch_embed conv; got "
-                              f"{self.patch_overlap} with {self.patch_embed} (a linear patch "
-                              "embedding needs --patch-overlap 0)")
+            raise ConfigError(f"--patch-overlap must be 0, or positive with --patch-embed conv; "
+                              f"got {self.patch_overlap} with {self.patch_embed} (a linear "
+                              "patch embedding needs --patch-overlap 0)")
         if self.mlp_ratio <= 0:
-            raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+            raise ConfigError(f"--mlp-ratio must be positive, got {self.mlp_ratio}")
         if self.pos_embed == "sincos" and self.embed_dim % 4:
             raise ConfigError(
-                f"sincos pos_embed needs embed_dim divisible by 4, got {self.embed_dim}")
-        for name in ("drop_rate", "attn_drop_rate"):
+                f"--pos-embed sincos needs --dim divisible by 4, got {self.embed_dim}")
+        for name, flag in (("drop_rate", "--drop-rate"), ("attn_drop_rate", "--attn-drop-rate")):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+                raise ConfigError(f"{flag} must be in [0, 1), got {getattr(self, name)}")
 
 
 def _trunc_normal(rng: np.random.Generator, std: float, shape: tuple[int, ...]) -> np.ndarray:
@@ -138,7 +141,7 @@ class Block(Layer):
 
     ``cls_only=True`` computes the output of the first (cls) token alone, (B, 1, D): it is all
     the head of a cls-pooled ViT reads from the last block, and it skips that block's MLP and
-    attention projection for the other tokens (about 9% of a default-model step). Gradients
+    attention projection for the other tokens. Gradients
     are unchanged: the skipped outputs never reach the loss.
     """
 
@@ -223,8 +226,7 @@ class VisionTransformer(Layer):
         pos_embed ~ N(0, 0.02) truncated at 2 std, cls_token ~ N(0, 1e-6), zero biases, unit
         norm scales. One change: the head is xavier-uniform too, not zero. timm's default
         (every weight N(0, 0.02)) starts a model this narrow (fan_in 16-128) with near-uniform
-        attention and learns several times slower: on MNIST, 150 AdamW steps at batch 256
-        reached 40% test accuracy with it and 70% with this init (as with PyTorch's default).
+        attention and learns several times slower (docs/results.md, "Recipe choices").
         """
         rng = np.random.default_rng(seed)
         for name, module in self.named_modules():

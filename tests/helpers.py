@@ -21,19 +21,59 @@ TINY_ARGS = [
 ]
 
 
+def under_ci() -> bool:
+    """True when $CI is set to a true value (``CI=1``, ``CI=true``); ``CI=0``, ``CI=false``,
+    ``CI=no``, ``CI=off`` or an empty value are not CI."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def missing(what: str, install: str) -> None:
-    """A tool or dataset a test needs is absent: fail under CI (which installs it), else skip."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} is missing; CI must install it: {install}")
-    pytest.skip(f"{what} is not installed ({install})")
+    """A tool or dataset a test needs is absent: fail under CI (which installs it), else skip.
+
+    Usable at module level too (a module that cannot import its reference)."""
+    if under_ci():
+        pytest.fail(f"{what} is missing; CI must install it: {install}", pytrace=False)
+    pytest.skip(f"{what} is not installed ({install})", allow_module_level=True)
+
+
+#: Where ``python -m dpvit.train`` puts MNIST when no directory is given: dpvit's own cache.
+OWN_MNIST = REPO / "data" / "mnist"
+_FETCH_FAILED: list[str] = []  # the download's failure, so it is tried once per session
 
 
 def real_data_dir() -> Path:
-    """The real MNIST files: $DPVIT_DATA_DIR, else ../shared/datasets/mnist beside the repo."""
-    path = Path(os.environ.get("DPVIT_DATA_DIR") or REPO.parent / "shared" / "datasets" / "mnist")
-    if not path.is_dir():
-        pytest.fail(f"real MNIST not found at {path}; set DPVIT_DATA_DIR to its directory")
-    return path
+    """The real MNIST files, where the training command finds them: ``$DPVIT_DATA_DIR`` if set,
+    else ``data/mnist/`` in this repository, downloaded there first with dpvit's own
+    downloader (``python -m dpvit.data fetch mnist``) when it is not there yet.
+
+    When neither has MNIST and the download fails, the session stops with one message saying
+    what to do (the tests that need MNIST cannot run; the others have run by then or are
+    skipped together).
+    """
+    from dpvit.data.idx import DATASETS, find_idx_file
+    from dpvit.data.store import resolve_data_dir
+
+    names = DATASETS["mnist"].file_names
+    env = os.environ.get("DPVIT_DATA_DIR")
+    path = resolve_data_dir("mnist", env) if env else OWN_MNIST
+    absent = [n for n in names if find_idx_file(path, n) is None]
+    if not absent:
+        return path
+    if env:
+        pytest.exit(f"DPVIT_DATA_DIR={env} lacks the MNIST files {', '.join(absent)}; point it "
+                    f"at a directory holding all four idx files, or unset it so the tests use "
+                    f"(and download into) {OWN_MNIST}", returncode=1)
+    if not _FETCH_FAILED:
+        done = subprocess.run(
+            [sys.executable, "-m", "dpvit.data", "fetch", "mnist", "--data-dir", str(path)],
+            capture_output=True, text=True, cwd=REPO, timeout=900,
+            env={k: v for k, v in os.environ.items() if k != "DPVIT_DATA_DIR"})
+        if done.returncode == 0:
+            return path
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        _FETCH_FAILED.append(lines[-1].removeprefix("error: "))
+    # dpvit's message names the missing files, where to put them, DPVIT_DATA_DIR and the README
+    pytest.exit(f"the tests need MNIST: {_FETCH_FAILED[0]}", returncode=1)
 
 
 def mpirun() -> str:

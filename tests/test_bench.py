@@ -6,13 +6,18 @@ targets themselves are checked by running the benchmark, not by timed tests.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
+import numpy as np
 import pytest
-from helpers import run_dpvit
+from helpers import REPO, missing, run_dpvit
 
 from dpvit import bench
-from dpvit.profiling import forward_flops_per_image
+from dpvit.errors import UserError
+from dpvit.parallel.comm import LocalComm
+from dpvit.profiling import StepBench, forward_flops_per_image
+from dpvit.training.step import STEP_EXTRAS, TrainStep
 from dpvit.vit import ViTConfig
 
 TINY = ["--dim", "16", "--depth", "1", "--heads", "2", "--batch-size", "8", "--steps", "2",
@@ -33,6 +38,7 @@ def test_bench_json_single_process():
     assert {"Attention.forward", "Attention.backward", "Linear.backward"} <= layers
 
 
+@pytest.mark.mpi
 def test_bench_under_mpirun_reports_the_world():
     out = _json(run_dpvit("bench", [*TINY, "--json", "--no-layers"], ranks=2))
     assert out["world_size"] == 2 and out["threads_per_rank"] == 1
@@ -49,8 +55,10 @@ def test_flop_formula_matches_a_hand_count():
     assert forward_flops_per_image(cfg) == expected
 
 
+@pytest.mark.mpi
 def test_compare_torch_prints_a_ratio():
-    pytest.importorskip("torch")
+    if importlib.util.find_spec("torch") is None:
+        missing("PyTorch (the benchmark's reference)", "pip install torch==2.13.0")
     result = run_dpvit("bench", [*TINY, "--compare-torch", "--ranks", "2", "--rounds", "1",
                                  "--json"], timeout=300)
     out = _json(result)
@@ -111,3 +119,41 @@ def test_bad_bench_flag_is_one_clear_line():
     assert result.returncode == 1
     assert "--steps must be a positive integer" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bench_times_the_trainers_own_step():
+    """The bench drives `TrainStep`, the trainer's step, with its allreduce payload (gradients
+    and the step's extras), and splits forward/backward from the allreduce."""
+    step_bench = StepBench(ViTConfig(embed_dim=16, depth=1, num_heads=2), LocalComm(), 8)
+    assert isinstance(step_bench.train_step, TrainStep)
+    store = step_bench.model.store
+    assert store.grad_buffer.size == store.numel + STEP_EXTRAS
+    before = store.flat_params.copy()
+    times = step_bench.run(steps=2, warmup=1, repeats=2)
+    assert step_bench.optimizer.steps == 5 and not np.array_equal(store.flat_params, before)
+    assert 0 < times.compute_fastest == times.compute_slowest < sum(times.repeats)
+    assert 0 <= times.allreduce < times.compute_fastest
+
+
+def test_torch_reference_ships_in_the_repository():
+    assert bench.DEFAULT_TORCH_REF == REPO / "launch" / "bench" / "torch_vit_ref.py"
+    assert bench.DEFAULT_TORCH_REF.is_file()
+    assert bench.parse_args([]).torch_ref == bench.DEFAULT_TORCH_REF
+    assert bench.parse_args(["--torch-ref", "/x/ref.py"]).torch_ref.as_posix() == "/x/ref.py"
+
+
+def test_compare_torch_without_torch_is_one_clear_error(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real(name, *a))
+    with pytest.raises(UserError, match=r"--compare-torch needs PyTorch: pip install torch"):
+        bench.run(LocalComm(), ["--compare-torch"])
+
+
+def test_compare_torch_with_a_missing_reference_names_it(tmp_path):
+    if importlib.util.find_spec("torch") is None:
+        missing("PyTorch (the benchmark's reference)", "pip install torch==2.13.0")
+    result = run_dpvit("bench", ["--compare-torch", "--torch-ref", str(tmp_path / "nope.py")])
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"PyTorch reference {tmp_path / 'nope.py'} not found; pass --torch-ref PATH" in (
+        result.stderr)

@@ -19,6 +19,7 @@ from dpvit.data import DATASETS, DataError, load_split, prepare_dataset, resolve
 from dpvit.data import store as store_mod
 from dpvit.data.__main__ import main as cli_main
 from dpvit.data.idx import DatasetInfo, parse_idx
+from dpvit.errors import AgreedError
 
 TRAIN_N, TEST_N = 40, 12
 
@@ -50,7 +51,8 @@ def write_files(directory: Path, payloads: dict[str, bytes], gz: bool = True) ->
 
 @pytest.fixture
 def tiny(monkeypatch, tmp_path):
-    """Register dataset "tiny" (good files in tmp/tiny) and point the cache into tmp."""
+    """Register dataset "tiny" (good files in tmp/data/tiny, dpvit's own data directory with
+    tmp as the working directory) and point the cache into tmp."""
     arrays = tiny_arrays()
     payloads = {name: idx_bytes(a) for name, a in arrays.items()}
     info = replace(
@@ -61,7 +63,8 @@ def tiny(monkeypatch, tmp_path):
     monkeypatch.setitem(DATASETS, "tiny", info)
     monkeypatch.setenv("DPVIT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("DPVIT_DATA_DIR", raising=False)
-    data_dir = tmp_path / "tiny"
+    monkeypatch.chdir(tmp_path)
+    data_dir = tmp_path / "data" / "tiny"
     write_files(data_dir, payloads)
     return {"dir": data_dir, "arrays": arrays, "payloads": payloads, "info": info}
 
@@ -118,23 +121,75 @@ def test_damaged_or_stale_store_rebuilt(tiny, content):
 
 
 def test_read_only_data_dir_uses_cache(tiny, monkeypatch, tmp_path):
-    monkeypatch.setattr(store_mod, "_dir_is_writable", lambda p: False)
+    monkeypatch.setattr(store_mod, "_dir_is_writable", lambda p, create=True: False)
     path = prepare_dataset("tiny", str(tiny["dir"]))
     assert path == tmp_path / "cache" / "tiny.h5"
     assert not (tiny["dir"] / "tiny.h5").exists()
 
 
+def listing(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+@pytest.mark.parametrize("how", ["--data-dir", "DPVIT_DATA_DIR", "root holding tiny/"])
+def test_store_never_written_into_a_directory_dpvit_was_pointed_at(tiny, monkeypatch, tmp_path,
+                                                                   how):
+    """Item 8 of issue 17: a writable copy of the data outside data/<name>/ (a reference copy
+    the user pointed at; root can write anywhere) gets no store and no lock: the cache does."""
+    copy = tmp_path / "reference" / "tiny"
+    write_files(copy, tiny["payloads"])
+    before = listing(copy)
+    arg = str(copy) if how != "root holding tiny/" else str(copy.parent)
+    if how == "DPVIT_DATA_DIR":
+        monkeypatch.setenv("DPVIT_DATA_DIR", arg)
+        arg = None
+    path = prepare_dataset("tiny", arg)
+    assert path == tmp_path / "cache" / "tiny.h5"
+    assert listing(copy) == before and listing(copy.parent) == ["tiny"]
+    assert prepare_dataset("tiny", arg) == path  # found again in the cache
+
+
+def test_store_beside_dpvits_own_data_dir_only(tiny, monkeypatch, tmp_path):
+    """data/<name>/ in the working directory is dpvit's own: the store lives beside the
+    files, whether named explicitly, relatively, or by default; a link from data/<name> to
+    another directory is not dpvit's own."""
+    assert store_mod.is_own_data_dir("tiny", tiny["dir"])
+    assert store_mod.is_own_data_dir("tiny", Path("data/tiny"))
+    assert prepare_dataset("tiny", None).absolute() == tiny["dir"] / "tiny.h5"
+    assert prepare_dataset("tiny", "data/tiny") == Path("data/tiny/tiny.h5")
+    elsewhere = tmp_path / "elsewhere"
+    tiny["dir"].rename(elsewhere)
+    (tmp_path / "data" / "tiny").symlink_to(elsewhere)
+    assert not store_mod.is_own_data_dir("tiny", tiny["dir"])
+    (elsewhere / "tiny.h5").unlink()
+    (elsewhere / ".tiny.h5.lock").unlink()
+    before = listing(elsewhere)
+    assert prepare_dataset("tiny", None) == tmp_path / "cache" / "tiny.h5"
+    assert listing(elsewhere) == before
+
+
+def test_store_dir_chosen_by_the_user(tiny, tmp_path):
+    """--store-dir DIR (config field store_dir) wins over both defaults."""
+    chosen = tmp_path / "stores"
+    path = prepare_dataset("tiny", str(tiny["dir"]), store_dir=str(chosen))
+    assert path == chosen / "tiny.h5"
+    assert not (tiny["dir"] / "tiny.h5").exists() and not (tmp_path / "cache").exists()
+    assert cli_main(["fetch", "tiny", "--store-dir", str(chosen)]) == 0
+
+
 def test_store_never_creates_a_sibling_of_another_datasets_dir(tiny, monkeypatch, tmp_path):
     """DPVIT_DATA_DIR=.../mnist with another dataset whose files sit in a system directory:
-    the store goes to the cache, not into a new directory beside the MNIST one."""
+    the store goes to the cache, not into a new directory beside the MNIST one, nor into an
+    existing one."""
     monkeypatch.setitem(DATASETS, "tiny", replace(tiny["info"], system_dirs=(str(tiny["dir"]),)))
     mnist_dir = tmp_path / "datasets" / "mnist"
     mnist_dir.mkdir(parents=True)
     assert prepare_dataset("tiny", str(mnist_dir)) == tmp_path / "cache" / "tiny.h5"
     assert not (tmp_path / "datasets" / "tiny").exists()
     (tmp_path / "cache" / "tiny.h5").unlink()
-    (tmp_path / "datasets" / "tiny").mkdir()  # an existing sibling is used
-    assert prepare_dataset("tiny", str(mnist_dir)) == tmp_path / "datasets" / "tiny" / "tiny.h5"
+    (tmp_path / "datasets" / "tiny").mkdir()  # an existing sibling is read, never written
+    assert prepare_dataset("tiny", str(mnist_dir)) == tmp_path / "cache" / "tiny.h5"
+    assert listing(tmp_path / "datasets" / "tiny") == []
 
 
 def test_resolve_data_dir(tiny, monkeypatch, tmp_path):
@@ -142,7 +197,7 @@ def test_resolve_data_dir(tiny, monkeypatch, tmp_path):
     assert resolve_data_dir("mnist", None) == Path("data/mnist")
     monkeypatch.setenv("DPVIT_DATA_DIR", str(tmp_path / "elsewhere"))
     assert resolve_data_dir("mnist", None) == tmp_path / "elsewhere"
-    assert resolve_data_dir("tiny", str(tmp_path)) == tiny["dir"]  # root holding tiny/
+    assert resolve_data_dir("tiny", str(tmp_path / "data")) == tiny["dir"]  # root holding tiny/
     # A directory named after another dataset is a sibling, not this dataset's files.
     assert resolve_data_dir("fashion-mnist", "/x/mnist") == Path("/x/fashion-mnist")
     with pytest.raises(DataError, match="Unknown dataset 'cifar'"):
@@ -150,20 +205,44 @@ def test_resolve_data_dir(tiny, monkeypatch, tmp_path):
 
 
 class FakeComm:
-    def __init__(self, rank: int, size: int) -> None:
+    """Rank ``rank`` of two, run one after the other: rank 0's broadcast goes into ``mailbox``,
+    which rank 1 reads (an empty mailbox: rank 1 receives its own value)."""
+
+    def __init__(self, rank: int, size: int, mailbox: dict | None = None) -> None:
         self.rank, self.size, self.barriers = rank, size, 0
+        self.mailbox = {} if mailbox is None else mailbox
 
     def barrier(self) -> None:
         self.barriers += 1
 
+    def broadcast_object(self, obj, root: int = 0):
+        if self.rank == root:
+            self.mailbox["sent"] = obj
+        return self.mailbox.get("sent", obj)
+
 
 def test_comm_rank0_builds_other_ranks_wait_and_find(tiny):
-    rank0, rank1 = FakeComm(0, 2), FakeComm(1, 2)
+    mailbox: dict = {}
+    rank0, rank1 = FakeComm(0, 2, mailbox), FakeComm(1, 2, mailbox)
     with pytest.raises(DataError, match="cannot see it"):
         prepare_dataset("tiny", str(tiny["dir"]), FakeComm(1, 2))  # rank 0 never ran
     path = prepare_dataset("tiny", str(tiny["dir"]), rank0)
     assert prepare_dataset("tiny", str(tiny["dir"]), rank1) == path
     assert rank0.barriers == rank1.barriers == 1
+
+
+def test_comm_rank0_failure_is_every_ranks_one_message(tiny, caplog):
+    """Files missing on rank 0: every rank raises the same AgreedError (which run_main
+    reports once, from rank 0, with no MPI_Abort), and nothing is created."""
+    (tiny["dir"] / "t10k-labels-idx1-ubyte.gz").unlink()
+    mailbox: dict = {}
+    errors = []
+    for rank in (0, 1):
+        with pytest.raises(AgreedError) as info:
+            prepare_dataset("tiny", str(tiny["dir"]), FakeComm(rank, 2, mailbox), download=False)
+        assert isinstance(info.value, DataError)
+        errors.append(str(info.value))
+    assert errors[0] == errors[1] and "t10k-labels-idx1-ubyte.gz" in errors[0]
 
 
 def _worker(data_dir: str, log: str, queue) -> None:

@@ -79,14 +79,17 @@ def test_configure_threads(restore_process_state):
     assert {pool["num_threads"] for pool in threadpool_info()} == {1}
 
 
-def test_more_ranks_than_cores_are_told_what_is_faster(restore_process_state, monkeypatch,
-                                                        caplog):
+def test_more_ranks_than_cores_are_told_how_many_share(restore_process_state, monkeypatch,
+                                                       caplog):
+    """A fact, not advice that contradicts the README's `mpirun -n 4` on 2 cores."""
     monkeypatch.setattr(threads, "available_cores", lambda: 2)
     comm = pcomm.LocalComm()
     comm.local_size, comm.oversubscribed = 4, True
     with caplog.at_level(logging.INFO, logger="dpvit.parallel.threads"):
         assert threads.configure_threads(comm) == 1
-    assert "4 ranks share this host's 2 cores; one rank per core trains faster" in caplog.text
+    assert ("threads per rank: 1 (4 ranks share this host's 2 cores), one BLAS thread each"
+            in caplog.text)
+    assert "faster" not in caplog.text
     caplog.clear()
     comm.local_size, comm.oversubscribed = 2, False
     with caplog.at_level(logging.INFO, logger="dpvit.parallel.threads"):
@@ -130,6 +133,27 @@ def test_run_main_local_errors(caplog, restore_process_state):
     assert "config file x.toml: unknown key 'lrr'" in messages
     assert any("unexpected ZeroDivisionError" in m and "--debug" in m for m in messages)
     assert not any(r.exc_info for r in caplog.records)
+
+
+def test_threads_are_announced_by_training_after_the_arguments(caplog, restore_process_state):
+    """Train and bench say the thread count once at INFO, after the flags are checked; other
+    commands say it at DEBUG only, and a flag error is the only line."""
+
+    def bad_flag(argv):
+        raise cli.ConfigError("--batch-size must be a positive integer, got 0")
+
+    def said(**kwargs):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            code = cli.run_main(lambda comm: None, argv=[], **kwargs)
+        return code, [r.getMessage() for r in caplog.records]
+
+    code, lines = said(announce_threads=True)
+    assert code == 0 and [m for m in lines if m.startswith("threads per rank: ")] == lines
+    assert len(lines) == 1
+    assert said() == (0, [])  # predict, evaluate: no thread line at INFO
+    assert said(parse_args=bad_flag, announce_threads=True) == (
+        1, ["--batch-size must be a positive integer, got 0"])
 
 
 @pytest.mark.parametrize("command", ["train", "bench", "evaluate"])
@@ -180,7 +204,7 @@ def test_mpi_collectives(tmp_path, n):
     proc, _, piddir = _mpirun(n, "collectives", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert f"OK size={n} local_size={n}" in proc.stdout
-    assert "threads per rank: 1 (" in proc.stderr
+    assert "threads per rank" not in proc.stderr  # said by train and bench only
     _assert_no_leftovers(piddir, n)
 
 

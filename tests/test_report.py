@@ -1,5 +1,6 @@
-"""Report numbers on hand-made confusion matrices, the files written, rollout maps, and the page
-without matplotlib."""
+"""Report numbers on hand-made confusion matrices, the files written, rollout maps, what the page
+shows (header, table of contents, figures' data, marked mistakes), and the page without
+matplotlib."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import errno
 import json
 import os
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from dpvit.report import (
     per_class_metrics,
     write_report,
 )
+from dpvit.report.html import attention_picks, lr_parts, render_html
 from dpvit.report.rollout import attention_rollout
 from dpvit.report.writer import render_markdown
 from dpvit.vit import VisionTransformer, ViTConfig
@@ -135,6 +138,9 @@ def test_without_matplotlib_json_and_markdown_are_written_and_the_page_says_why(
     html = (tmp_path / "report.html").read_text()
     assert "matplotlib, which is not installed" in html and 'pip install -e ".[plots]"' in html
     assert html.count("data:image/png") == 3 and "<table>" in html  # the misclassified only
+    # no heatmap: the confusion counts as a table instead
+    assert '<section id="confusion"><h2>Confusion matrix</h2>' in html
+    assert html.count("true \\ predicted") == 1
     assert (tmp_path / "report.json").is_file() and (tmp_path / "report.md").is_file()
     assert not list(tmp_path.glob("*.png"))
 
@@ -159,3 +165,165 @@ def test_rollout_of_one_block_is_the_mixed_class_token_row():
     attn = model.blocks[0].attn.cache[3].mean(axis=1)[:, 0, 1:]  # (B, 16)
     expected = attn / attn.max(axis=1, keepdims=True)
     np.testing.assert_allclose(maps.reshape(2, -1), expected, rtol=1e-12)
+
+
+# -- what the page shows -----------------------------------------------------------------------
+
+
+class _Page(HTMLParser):
+    """The ids of a page, the links of its table of contents, and its figures' captions."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.ids: list[str] = []
+        self.toc: list[str] = []
+        self.sections: list[str] = []
+        self.in_toc = False
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.append(attrs["id"])
+        if tag == "section":
+            self.sections.append(attrs["id"])
+        if tag == "nav" and attrs.get("class") == "toc":
+            self.in_toc = True
+        if tag == "a" and self.in_toc:
+            self.toc.append(attrs["href"])
+
+    def handle_endtag(self, tag):
+        if tag == "nav":
+            self.in_toc = False
+
+
+def _page(context: ReportContext, report: dict | None = None) -> str:
+    return render_html(report or _report(context), context)[0]
+
+
+def _full_context(**fields) -> ReportContext:
+    model = VisionTransformer(ViTConfig(embed_dim=8, depth=2, num_heads=2, patch_size=7))
+    context = _context(model=model)
+    context.lr_schedule = np.linspace(1e-3, 0.0, 40)
+    for name, value in fields.items():
+        setattr(context, name, value)
+    return context
+
+
+def test_the_header_names_the_run_date_checkpoint_version_data_model_and_training():
+    from dpvit import __version__
+    from dpvit.config import Config
+
+    cfg = Config()
+    cfg.model.embed_dim, cfg.train.train_subset, cfg.train.max_steps = 8, 256, 5
+    context = _full_context(run_name="mnist-run-7", checkpoint="checkpoints/step-5.h5",
+                            config=cfg.to_dict(), created="2025-01-02 03:04 UTC")
+    page = _page(context)
+    header = page[page.index("<h1>"):page.index('<nav class="toc">')]
+    assert "mnist-run-7" in header and "2025-01-02 03:04 UTC" in header
+    assert "checkpoints/step-5.h5" in header and f"dpvit {__version__}" in header
+    assert "first 256 mnist training images" in header
+    assert "dim 8, depth 6, 4 heads" in header and f"{context.model.num_params():,} parameters" in header
+    assert "adamw" in header and "batch 64" in header and "8 epochs" in header
+    # how far the schedule got: step 5 of the 40 scheduled, stopped by --max-steps
+    assert "step 5 of 40 scheduled (stopped there by --max-steps 5)" in header
+    # defaults: written now, by this version
+    assert f"by dpvit {__version__}" in _page(_context())
+
+
+def test_lr_parts_split_the_steps_run_from_the_rest_of_the_planned_schedule():
+    schedule = np.arange(10) / 10  # step s (from 1) uses schedule[s - 1]
+    (run_x, run_y), (plan_x, plan_y) = lr_parts(schedule, 3)
+    assert run_x.tolist() == [1, 2, 3] and run_y.tolist() == [0.0, 0.1, 0.2]
+    # the planned part starts at the last step run, so the two lines join
+    assert plan_x.tolist() == list(range(3, 11)) and plan_y.tolist() == schedule[2:].tolist()
+    (run_x, run_y), (plan_x, _) = lr_parts(schedule, 10)  # the whole schedule ran
+    assert run_x.tolist() == list(range(1, 11)) and len(plan_x) == 0
+    (run_x, _), (plan_x, _) = lr_parts(schedule, 0)  # nothing ran yet
+    assert len(run_x) == 0 and plan_x.tolist() == list(range(1, 11))
+
+
+def test_the_page_cuts_the_lr_schedule_at_the_step_it_evaluates(monkeypatch):
+    plots = pytest.importorskip("dpvit.report.plots")
+    drawn = {}
+    monkeypatch.setattr(plots, "lr_schedule", lambda run, planned, logged: drawn.update(
+        run=run, planned=planned, logged=logged) or b"")
+    context = _context()
+    context.lr_schedule = np.linspace(1e-3, 0.0, 40)
+    render_html(_report(context), context)  # step 5 of the 40 scheduled
+    assert drawn["run"][0].tolist() == [1, 2, 3, 4, 5]
+    assert drawn["planned"][0][0] == 5 and drawn["planned"][0][-1] == 40
+    assert drawn["logged"][0].tolist() == [5] and drawn["logged"][1].tolist() == [1e-3]
+
+
+def test_the_lr_figure_draws_the_steps_run_solid_and_the_planned_rest_faint():
+    plots = pytest.importorskip("dpvit.report.plots")
+    run, planned = lr_parts(np.linspace(1e-3, 0.0, 100), 5)  # a run stopped at step 5
+    fig = plots.lr_figure(run, planned, (np.array([5]), np.array([run[1][-1]])))
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    solid = lines["run: steps 1-5"]
+    faint = lines["planned, not run: to step 100"]
+    assert solid.get_xdata().tolist() == [1, 2, 3, 4, 5] and solid.get_linestyle() == "-"
+    assert faint.get_xdata()[0] == 5 and faint.get_xdata()[-1] == 100
+    assert (faint.get_alpha() or 1.0) < 0.5 and faint.get_linestyle() == "--"
+    assert (solid.get_alpha() or 1.0) == 1.0
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_the_confusion_heatmap_has_the_counts_and_upright_class_names():
+    plots = pytest.importorskip("dpvit.report.plots")
+    cm = np.array([[5, 1, 0], [2, 6, 0], [1, 3, 0]])
+    fig = plots.confusion_figure(cm, ["zero", "one", "two"])
+    ax = fig.axes[0]
+    assert sorted(t.get_text() for t in ax.texts) == sorted(str(v) for v in cm.flat if v)
+    assert [t.get_rotation() for t in ax.get_xticklabels()] == [0.0, 0.0, 0.0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["zero", "one", "two"]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_the_confusion_counts_are_shown_once():
+    """The heatmap carries the counts: no second table of them (without matplotlib the table
+    takes its place, see the test below)."""
+    pytest.importorskip("matplotlib")
+    page = _page(_context())
+    confusion = page[page.index('<section id="confusion">'):]
+    confusion = confusion[:confusion.index("</section>")]
+    assert "<img" in confusion and "<table" not in confusion
+    assert "true \\ predicted" not in page and page.count("Confusion matrix</h2>") == 1
+
+
+def test_attention_examples_include_and_mark_the_wrong_predictions():
+    labels = np.zeros(20, int)
+    predictions = labels.copy()
+    predictions[[12, 15, 16, 17, 19]] = 1
+    # the first 4 mistakes and the first 4 correct images, in test order
+    assert attention_picks(labels, predictions).tolist() == [0, 1, 2, 3, 12, 15, 16, 17]
+    assert attention_picks(labels, labels).tolist() == list(range(8))
+
+    context = _full_context()
+    context.predictions = context.labels.copy()
+    context.predictions[[1, 12, 15]] = (context.labels[[1, 12, 15]] + 1) % 10
+    page = _page(context)
+    names = DATASETS["mnist"].class_names
+    attention = page[page.index('<section id="attention">'):]
+    assert attention.count('<figure class="wrong">') == 3
+    assert attention.count('<figure class="right">') == 5
+    for i in (1, 12, 15):  # 12 and 15 are not among the first 8 images, and still shown
+        assert (f"#{i} true {names[context.labels[i]]}<br>\u2717 predicted "
+                f"{names[context.predictions[i]]}") in attention
+    assert f"#0 {names[context.labels[0]]}<br>\u2713 correct" in attention
+    assert "3 wrong prediction(s), outlined in red" in attention
+
+
+def test_the_table_of_contents_links_every_section_and_every_link_resolves():
+    pytest.importorskip("matplotlib")
+    page = _Page(_page(_full_context()))
+    assert len(page.ids) == len(set(page.ids))  # ids are unique
+    assert page.sections == ["curves", "learning-rate", "confusion", "per-class",
+                             "misclassified", "attention"]
+    assert page.toc == ["#summary", *(f"#{s}" for s in page.sections)]
+    assert all(link[1:] in page.ids for link in page.toc)

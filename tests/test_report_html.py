@@ -1,5 +1,6 @@
 """report.html of a real (tiny) run, rendered by headless Chromium: loads without errors, every
-image decodes, and a screenshot can be taken.
+image decodes, the table of contents' links land, the page is compact, and a screenshot can be
+taken.
 
 Needs the Debian ``chromium`` package (CI installs it; there a missing browser is a failure,
 elsewhere the test is skipped).
@@ -17,7 +18,8 @@ import pytest
 from helpers import missing, train
 
 #: Injected at the top of a copy of the page: records script errors, console errors and image
-#: load failures, and after the load event writes them and every image's status into the DOM.
+#: load failures, and after the load event writes them, every image's status, the table of
+#: contents' links, any in-page link without its target, and the page height into the DOM.
 PROBE = """<script>
 window.__probe = {errors: []};
 window.addEventListener("error", function (e) {
@@ -33,9 +35,17 @@ window.addEventListener("load", function () {
   var images = Array.from(document.images).map(function (img) {
     return {alt: img.alt, complete: img.complete, naturalWidth: img.naturalWidth};
   });
+  var links = Array.from(document.querySelectorAll("nav.toc a")).map(function (a) {
+    return a.getAttribute("href");
+  });
+  var unresolved = Array.from(document.querySelectorAll("a[href^='#']")).filter(function (a) {
+    return document.getElementById(a.getAttribute("href").slice(1)) === null;
+  }).map(function (a) { return a.getAttribute("href"); });
   var pre = document.createElement("pre");
   pre.id = "probe";
-  pre.textContent = JSON.stringify({images: images, errors: window.__probe.errors});
+  pre.textContent = JSON.stringify({images: images, errors: window.__probe.errors, toc: links,
+                                    unresolved: unresolved,
+                                    height: document.documentElement.scrollHeight});
   document.body.appendChild(pre);
 });
 </script>"""
@@ -66,7 +76,7 @@ def test_report_renders_in_chromium_without_errors(tmp_path):
     probed.write_text(page.read_text().replace("<head>", "<head>" + PROBE, 1))
 
     result = _browser(probed.as_uri(), tmp_path, "--dump-dom", "--virtual-time-budget=10000",
-                      "--enable-logging=stderr", "--v=0")
+                      "--window-size=1200,900", "--enable-logging=stderr", "--v=0")
     assert result.returncode == 0, result.stderr[-2000:]
     match = re.search(r'<pre id="probe">(.*?)</pre>', result.stdout, re.S)
     assert match, result.stdout[-2000:]
@@ -77,6 +87,12 @@ def test_report_renders_in_chromium_without_errors(tmp_path):
     broken = [img for img in status["images"]
               if not img["complete"] or img["naturalWidth"] <= 0]
     assert broken == []
+    # a table of contents whose links all land on a section, and a compact page (it was
+    # 3400 px tall at this width before the figures shared rows and the thumbnails shrank)
+    assert status["toc"] == ["#summary", "#curves", "#learning-rate", "#confusion",
+                             "#per-class", "#misclassified", "#attention"]
+    assert status["unresolved"] == []
+    assert status["height"] < 2200, status["height"]
     console = [line for line in result.stderr.splitlines()
                if "CONSOLE" in line or "Uncaught" in line]
     assert console == []

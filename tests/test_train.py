@@ -135,8 +135,8 @@ def test_resume_rejects_a_conflicting_model_flag(tmp_path):
     "args,message",
     [
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-        (["--heads", "5"], "embed_dim (64) must be divisible by num_heads (5)"),
-        (["--patch-size", "5"], "patch_size (5) must divide img_size (28)"),
+        (["--heads", "5"], "--dim (64) must be divisible by --heads (5)"),
+        (["--patch-size", "5"], "--patch-size (5) must divide --img-size (28)"),
         (["--epochs", "zero"], "argument --epochs: invalid int value: 'zero'"),
         (["--resume", "auto"], "--resume auto needs --run-dir"),
     ],
@@ -147,6 +147,26 @@ def test_bad_flags_give_one_clear_line(args, message):
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_resume_auto_warns_when_it_starts_anew_and_resume_must_fails(tmp_path):
+    """A mistyped --run-dir is not a silent new run: `auto` warns, `must` stops in one line."""
+    typo = tmp_path / "typo"
+    result = run_dpvit("train", [*TINY_ARGS, "--run-dir", str(typo), "--resume", "must",
+                                 "--max-steps", "1"], ranks=2, timeout=60)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and lines[0].endswith(
+        f"[rank 0/2] error: --resume must found no valid checkpoint in {typo}; check --run-dir "
+        "(--resume auto would start a new run there)"), result.stderr
+    assert "Abort(" not in result.stderr and "Traceback" not in result.stderr
+    run = tmp_path / "run"
+    fresh = train(run, "--resume", "auto", "--max-steps", "1")
+    assert (f"warning: --resume auto found no checkpoint in {run}; starting a new run"
+            in fresh.stderr)
+    resumed = train(run, "--resume", "must", "--max-steps", "2")
+    assert "resuming from" in resumed.stderr and "warning" not in resumed.stderr
+    assert load_checkpoint(run / "checkpoints" / "last.h5").step == 2
 
 
 def test_damaged_resume_file_is_a_clear_error(tmp_path):

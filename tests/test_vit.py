@@ -112,7 +112,7 @@ def test_wrong_image_shape_is_one_clear_error():
 
 
 def test_heads_must_divide_embed_dim():
-    with pytest.raises(ValueError, match=r"embed_dim \(64\) must be divisible by num_heads \(5\)"):
+    with pytest.raises(ValueError, match=r"--dim \(64\) must be divisible by --heads \(5\)"):
         VisionTransformer(ViTConfig(num_heads=5))
 
 

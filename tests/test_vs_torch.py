@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import missing
 
 from dpvit.nn.losses import CrossEntropyLoss, MSELoss
 from dpvit.nn.params import ParamStore
 from dpvit.optim import SGD, AdamW, clip_grad_norm_, lr_at
 from dpvit.vit import VisionTransformer, ViTConfig
 
-torch = pytest.importorskip("torch")
+try:
+    import torch
+except ImportError:  # CI installs it: there the comparison fails instead of skipping
+    missing("PyTorch (the test reference)", "pip install torch==2.13.0")
 F = torch.nn.functional
 
 

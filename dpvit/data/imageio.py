@@ -33,6 +33,9 @@ from dpvit.errors import InputError
 INK_THRESHOLD = 0.1  # share of the brightest ink that counts for the bounding box
 SIDE, BOX = 28, 20  # output side; side of the box the digit is scaled into
 NPY_MAGIC, GZIP_MAGIC = b"\x93NUMPY", b"\x1f\x8b"
+#: What `read_images` reads, for error messages.
+READABLE = ("PNG, JPEG or another image format Pillow opens, a .npy array, or an idx file "
+            "(gzip-compressed or not)")
 
 
 def _luminance(rgb: np.ndarray) -> np.ndarray:
@@ -88,7 +91,14 @@ def _read_pillow(data: bytes, where: str) -> np.ndarray:
         raise InputError(f"{where}: reading PNG/JPEG images needs Pillow, which is not "
                          'installed: pip install -e ".[predict]"') from None
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        # Pillow's message names only its in-memory buffer (<_io.BytesIO object at 0x...>)
+        raise InputError(f"{where}: not a file dpvit can read; expected {READABLE}") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"{where}: a damaged image ({exc})") from None
+    try:
+        with image:
             image.load()
             if image.mode in ("I", "I;16", "I;16B", "F"):  # 16/32-bit: stretch to 0..255
                 a = np.asarray(image, dtype=np.float64)
@@ -98,9 +108,8 @@ def _read_pillow(data: bytes, where: str) -> np.ndarray:
                 return np.asarray(image.convert("L"))
             alpha = "A" in image.getbands() or "transparency" in image.info
             return np.asarray(image.convert("RGBA" if alpha else "RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise InputError(f"{where}: expected a PNG/JPEG image, a .npy array or an idx file "
-                         f"but could not read it as any ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"{where}: a damaged {image.format} image ({exc})") from None
 
 
 def read_images(path: Path, index: list[int] | None = None) -> list[tuple[str, np.ndarray]]:

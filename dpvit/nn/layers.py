@@ -1,6 +1,6 @@
 """Layers: parameters bound to the kernels of ``functional.py``, plus the cache between passes.
 
-The contract every layer keeps (see DESIGN.md):
+The contract every layer keeps (docs/design.md, "The layer contract"):
 
 - ``forward(x, train)`` returns the output and keeps what backward needs in ``self.cache``
   (one slot, overwritten every call).

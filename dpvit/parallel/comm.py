@@ -20,11 +20,13 @@ import os
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 
 from dpvit.errors import UserError
+from dpvit.parallel.deadline import DEFAULT_TIMEOUT_S, CollectiveDeadline
 from dpvit.parallel.launcher import launched_by_mpi
 from dpvit.parallel.threads import available_cores
 
@@ -39,8 +41,8 @@ ABORT_GRACE_S = 0.2
 #: long enough that the sleeping ranks cost their cores nothing.
 SLEEPING_POLL_S = 1e-3
 #: How long a rank on a host with more ranks than cores sleeps between polls of the gradient
-#: allreduce: a fraction of the tens of milliseconds by which ranks finish their shares apart.
-#: `mpirun -n 4` training on 2 cores ran 6% faster with it than spinning (README, Performance).
+#: allreduce: a fraction of the tens of milliseconds by which ranks finish their shares apart,
+#: so a rank wakes soon after the last one arrives (docs/performance.md compares intervals).
 OVERSUBSCRIBED_POLL_S = 1e-4
 
 class DivergenceError(UserError):
@@ -73,6 +75,18 @@ class Comm:
     def is_root(self) -> bool:
         """True on rank 0, the rank that logs and writes files."""
         return self.rank == 0
+
+    def set_collective_timeout(self, seconds: float) -> None:
+        """Seconds a rank may wait in one collective before the job stops (0: forever);
+        see `dpvit.parallel.deadline`."""
+
+    def set_context(self, text: str) -> None:
+        """What the job is doing, for the collective-timeout message (e.g. "step 14")."""
+
+    @contextlib.contextmanager
+    def no_deadline(self) -> Iterator[None]:
+        """No collective timeout inside the block (rank 0 downloading while others wait)."""
+        yield
 
     def barrier(self) -> None:
         """Block until every rank has called `barrier`."""
@@ -220,20 +234,60 @@ class MPIComm(Comm):
         node.Free()
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
         self.oversubscribed = self.local_size > available_cores()
+        self._deadline = None
+        if self.size > 1:
+            self._deadline = CollectiveDeadline(
+                self._comm.Dup(), self.rank, DEFAULT_TIMEOUT_S,
+                can_ask=MPI.Query_thread() == MPI.THREAD_MULTIPLE)
+
+    def set_collective_timeout(self, seconds: float) -> None:
+        """Seconds a rank may wait in one collective before the job stops (0: forever)."""
+        if self._deadline is not None:
+            self._deadline.set_timeout(seconds)
+
+    def set_context(self, text: str) -> None:
+        """What the job is doing, for the collective-timeout message (e.g. "step 14")."""
+        if self._deadline is not None:
+            self._deadline.context = text
+
+    @contextlib.contextmanager
+    def no_deadline(self) -> Iterator[None]:
+        """No collective timeout inside the block."""
+        if self._deadline is None:
+            yield
+        else:
+            with self._deadline.suspended():
+                yield
+
+    @contextlib.contextmanager
+    def _waiting(self, what: str) -> Iterator[None]:
+        """Mark this rank as waiting in the collective ``what`` (for the deadline)."""
+        deadline = self._deadline
+        if deadline is None:
+            yield
+            return
+        deadline.enter(what)
+        try:
+            yield
+        finally:
+            deadline.leave()
 
     def barrier(self) -> None:
         """Block until every rank has called `barrier`."""
-        self._comm.Barrier()
+        with self._waiting("a barrier"):
+            self._comm.Barrier()
 
     def sleeping_barrier(self) -> None:
         """`Ibarrier`, tested every millisecond with a sleep in between."""
-        _wait_asleep(self._comm.Ibarrier(), SLEEPING_POLL_S)
+        with self._waiting("a barrier (waiting for rank 0's files)"):
+            _wait_asleep(self._comm.Ibarrier(), SLEEPING_POLL_S)
 
     def broadcast_(self, buf: np.ndarray, root: int = 0) -> None:
         """Overwrite `buf` in place with `root`'s contents (one `Bcast`, no copy)."""
         _check_root(root, self.size)
         _check_contiguous(buf)
-        self._comm.Bcast(buf, root=root)
+        with self._waiting(f"a broadcast from rank {root}"):
+            self._comm.Bcast(buf, root=root)
 
     def allreduce_sum_(self, buf: np.ndarray) -> None:
         """`Allreduce(IN_PLACE, buf, SUM)`: one call, no copy, never pickled.
@@ -244,16 +298,18 @@ class MPIComm(Comm):
         same order either way (bit-identical results at 2 and 4 ranks).
         """
         _check_contiguous(buf)
-        if self.oversubscribed:
-            request = self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
-            _wait_asleep(request, OVERSUBSCRIBED_POLL_S)
-        else:
-            self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+        with self._waiting(f"an allreduce of {buf.size} values"):
+            if self.oversubscribed:
+                request = self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+                _wait_asleep(request, OVERSUBSCRIBED_POLL_S)
+            else:
+                self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
 
     def _allreduce_small(self, value: Any, op: str) -> Any:
         if isinstance(value, np.ndarray):
             out = np.array(value, order="C")  # a copy, 0-d stays 0-d
-            self._comm.Allreduce(self._MPI.IN_PLACE, out, op=self._ops[op])
+            with self._waiting(f"an allreduce ({op})"):
+                self._comm.Allreduce(self._MPI.IN_PLACE, out, op=self._ops[op])
             return out
         if isinstance(value, bool | np.bool_):
             arr = np.array([int(value)], dtype=np.int64)
@@ -265,7 +321,8 @@ class MPIComm(Comm):
             arr = np.array([value], dtype=np.float64)
         else:
             raise TypeError(f"cannot allreduce a {type(value).__name__}; pass a number or array")
-        self._comm.Allreduce(self._MPI.IN_PLACE, arr, op=self._ops[op])
+        with self._waiting(f"an allreduce ({op})"):
+            self._comm.Allreduce(self._MPI.IN_PLACE, arr, op=self._ops[op])
         if isinstance(value, bool | np.bool_):
             return type(value)(arr[0] != 0)
         if isinstance(value, np.generic):
@@ -275,15 +332,18 @@ class MPIComm(Comm):
     def broadcast_object(self, obj: T, root: int = 0) -> T:
         """Return `root`'s `obj` on every rank (pickled; setup time only)."""
         _check_root(root, self.size)
-        return self._comm.bcast(obj, root=root)
+        with self._waiting(f"a broadcast from rank {root}"):
+            return self._comm.bcast(obj, root=root)
 
     def allgather_object(self, obj: T) -> list[T]:
         """Return every rank's `obj`, indexed by rank (pickled)."""
-        return self._comm.allgather(obj)
+        with self._waiting("an allgather"):
+            return self._comm.allgather(obj)
 
     def _gather_rows(self, row: np.ndarray) -> np.ndarray:
         rows = np.empty((self.size, row.size), dtype=row.dtype)
-        self._comm.Allgather(row, rows)
+        with self._waiting("an allgather (the ranks' checksums)"):
+            self._comm.Allgather(row, rows)
         return rows
 
     def abort(self, code: int = 1) -> NoReturn:

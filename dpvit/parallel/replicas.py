@@ -6,8 +6,8 @@ reads the rank's parameter buffer and keeps its own gradient buffer and layer ca
 parts' gradients are then summed into the rank's gradient buffer, as the allreduce sums the
 ranks'. numpy releases the GIL inside BLAS calls and ufunc loops, so the threads overlap on
 the cores, each with one BLAS thread. This model's GEMMs (64 to 192 wide) are too small to
-split well across BLAS threads: on 2 cores one process ran 1.15x faster with 2 BLAS threads
-than with 1, and 1.55x faster with 2 replica threads.
+split well across BLAS threads, so threads running whole replicas use the cores better
+(docs/performance.md has the comparison).
 
 Each replica also cuts its part into micro-batches of at most ``MICRO_BATCH`` images and runs
 them one after the other, adding their gradients up in its buffer (see ``MICRO_BATCH``).
@@ -35,11 +35,9 @@ ShareStep = Callable[[VisionTransformer, np.ndarray, np.ndarray, np.ndarray],
 #: Most images one replica runs through forward and backward at a time. A larger part is cut
 #: into contiguous micro-batches whose gradients add up in the replica's buffer: the same sum
 #: in another order, as with ranks and threads. 32 images make activations of 0.4 MB per
-#: (tokens x D) tensor and 1.3 MB of attention scores, a quarter of 128 images', so more of
-#: each layer's output is still in the caches when the next layer reads it: at 128 images per
-#: rank, `mpirun -n 2 python -m dpvit.bench` measured 565-631 images/s with whole parts
-#: (--micro-batch 0), 686-779 with 16, 691-823 with 32 and 632 with 64 (2026-11-30), and
-#: peak memory fell from 243 to 118 MiB per rank. The training recipes (64 images per global
+#: (tokens x D) tensor and 1.3 MB of attention scores, so more of each layer's output is still
+#: in the caches when the next layer reads it, and peak memory is a fraction of a whole
+#: part's (docs/performance.md, "Micro-batches"). The training recipes (64 images per global
 #: batch) never reach it: it matters for larger batches.
 MICRO_BATCH = 32
 

@@ -22,21 +22,24 @@ def available_cores() -> int:
 
 
 
-def configure_threads(comm: Comm, threads: int | None = None) -> int:
+def configure_threads(comm: Comm, threads: int | None = None,
+                      level: int = logging.INFO) -> int:
     """Choose this rank's worker threads and give each of them one BLAS/OpenMP thread.
 
     When several ranks share a host each uses one thread (the ranks already fill the
-    cores; with more ranks than cores the log line says that one rank per core is faster); a
-    lone process uses every core it may run on, as that many model replicas in threads
-    (`dpvit.parallel.replicas`), which this model's small GEMMs suit better than BLAS threads.
-    The choice is stored in `comm.threads`; the BLAS limit of 1 is applied with threadpoolctl
-    (it persists for the process) and exported in `OMP/OPENBLAS/MKL_NUM_THREADS` for child
-    processes.
+    cores; with more ranks than cores they take turns, and the log line says how many share
+    how many cores); a lone process uses every core it may run on, as that many model
+    replicas in threads (`dpvit.parallel.replicas`), which this model's small GEMMs suit
+    better than BLAS threads. The choice is stored in `comm.threads`; the BLAS limit of 1 is
+    applied with threadpoolctl (it persists for the process) and exported in
+    `OMP/OPENBLAS/MKL_NUM_THREADS` for child processes. Rank 0 logs the choice at `level`.
 
     Args:
         comm: The job's communicator (its `local_size` decides; its `threads` is set).
         threads: Explicit override; otherwise the `DPVIT_NUM_THREADS` environment variable,
             otherwise the rule above.
+        level: The logging level of the line `threads per rank: ...` (`run_main` says it at
+            INFO for training and bench only).
 
     Returns:
         The number of worker threads chosen.
@@ -48,9 +51,9 @@ def configure_threads(comm: Comm, threads: int | None = None) -> int:
     elif threads is not None:
         reason = "requested"
     elif comm.oversubscribed:
-        # measured on 2 cores: -n 4 trained at a median 0.90x -n 2 (README, Performance)
-        threads, reason = 1, (f"{comm.local_size} ranks share this host's {cores} cores; "
-                              "one rank per core trains faster")
+        # a fact, not advice: the result does not depend on the rank count, and on 2 cores
+        # -n 4 trains at a median 0.90x -n 2 (docs/performance.md); the README says what to type
+        threads, reason = 1, f"{comm.local_size} ranks share this host's {cores} cores"
     elif comm.local_size > 1:
         threads, reason = 1, f"{comm.local_size} ranks share this host"
     else:
@@ -65,7 +68,8 @@ def configure_threads(comm: Comm, threads: int | None = None) -> int:
     else:
         threadpool_limits(limits=1)
     if comm.is_root:
-        logger.info("threads per rank: %d (%s), one BLAS thread each", comm.threads, reason)
+        logger.log(level, "threads per rank: %d (%s), one BLAS thread each", comm.threads,
+                   reason)
     return comm.threads
 
 

@@ -1,14 +1,17 @@
 """report.html: one self-contained page (every image embedded as a base64 PNG, no scripts).
 
-Sections: the headline numbers, training and test curves, the learning-rate schedule, the
-confusion matrix (heatmap and table), per-class metrics, a grid of misclassified test images
-with true/predicted class and confidence, and attention-rollout maps for a few test images.
-The curves, learning-rate and confusion-matrix figures need matplotlib (optional extra
-``plots``); without it the page keeps everything else and says what is missing and how to get
-it. Those PNGs are also returned so that the report directory holds them as files. The test
-images (misclassified ones, attention overlays) are small PNGs encoded with zlib alone
-(``dpvit.data.imageio.encode_png``) and laid out by the page itself, so they need neither
-matplotlib nor Pillow and cost milliseconds.
+The header says what was evaluated (run, date, checkpoint, dpvit version, data, model and
+training settings, how far the schedule got) beside the headline numbers, and a table of
+contents links the sections: training curves and the learning rate (the steps run solid, the
+rest of the planned schedule faint), the confusion matrix (a heatmap with the counts in its
+cells) beside the per-class metrics, a grid of misclassified test images with true/predicted
+class and confidence, and attention-rollout maps for a few test images, wrong predictions
+marked. The curves, learning-rate and confusion-matrix figures need matplotlib (optional extra
+``plots``); without it the page keeps everything else (the confusion matrix as a table) and
+says what is missing and how to get it. Those PNGs are also returned so that the report
+directory holds them as files. The test images (misclassified ones, attention overlays) are
+small PNGs encoded with zlib alone (``dpvit.data.imageio.encode_png``) and laid out by the page
+itself, so they need neither matplotlib nor Pillow and cost milliseconds.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import base64
 import html
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -25,24 +29,61 @@ from dpvit.data.imageio import encode_png, resize_matrix
 from dpvit.report.rollout import attention_rollout
 
 MAX_MISCLASSIFIED = 32  # images in the misclassified grid
-NUM_ATTENTION = 8  # test images with attention-rollout maps
-THUMB = 84  # displayed height of a test image in pixels (3x, pixelated)
+NUM_ATTENTION = 8  # test images with attention-rollout maps (up to half of them mistakes)
+THUMB = 56  # displayed height of a misclassified test image in pixels (2x, pixelated)
+ATTENTION_THUMB = 64  # displayed height of an attention overlay
 MISSING_MATPLOTLIB = ('The curves, learning-rate and confusion-matrix figures need matplotlib, '
                       'which is not installed: <code>pip install -e ".[plots]"</code>, then '
                       'evaluate again (<code>python -m dpvit.evaluate --checkpoint ...</code>).')
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+body { font-family: system-ui, sans-serif; margin: 1em auto; max-width: 1160px; padding: 0 1em;
+       color: #222; font-size: 15px; }
+h1 { font-size: 1.5em; margin: 0.2em 0; }
+h1 .run { color: #555; font-weight: normal; }
+h2 { font-size: 1.15em; margin: 0.8em 0 0.3em; scroll-margin-top: 2.6em; }
+p { margin: 0.3em 0; }
+.note { color: #555; font-size: 0.9em; }
+table { border-collapse: collapse; margin: 0.3em 0 0.8em; }
+th, td { border: 1px solid #ccc; padding: 0.15em 0.5em; text-align: right; }
 th { background: #f3f3f3; }
 td.diag { background: #dbeafe; font-weight: bold; }
-img { max-width: 100%; display: block; margin: 0.5em 0 1.5em; }
-.grid { display: flex; flex-wrap: wrap; gap: 10px; margin-bottom: 1.5em; }
-.grid figure { margin: 0; font-size: 12px; text-align: center; width: min-content; }
+header { display: flex; gap: 1.5em; align-items: flex-start; }
+.headline { display: flex; gap: 0.6em; }
+.headline div { border: 1px solid #ccc; border-radius: 6px; padding: 0.3em 0.8em;
+                text-align: center; color: #555; font-size: 0.85em; white-space: nowrap; }
+.headline b { display: block; font-size: 1.7em; color: #222; }
+table.meta { margin: 0; font-size: 0.88em; }
+table.meta th, table.meta td { border: none; background: none; text-align: left;
+                               padding: 0.05em 0.6em 0.05em 0; vertical-align: top; }
+table.meta th { color: #666; font-weight: normal; white-space: nowrap; }
+nav.toc { position: sticky; top: 0; background: #fff; border-bottom: 1px solid #ddd;
+          padding: 0.35em 0; margin: 0.6em 0 0; font-size: 0.9em; z-index: 1; }
+nav.toc a { margin-right: 1.1em; color: #1a5fb4; text-decoration: none; }
+.row { display: block; gap: 1.5em; align-items: flex-start; }
+.row > section { flex: 0 1 auto; min-width: 0; }
+@media (max-width: 900px) { .row, header { flex-wrap: wrap; } }
+img { max-width: 100%; display: block; margin: 0.3em 0; }
+.grid { display: flex; flex-wrap: wrap; gap: 6px 8px; }
+.grid figure { margin: 0; font-size: 11px; text-align: center; width: min-content;
+               line-height: 1.25; }
+.grid figcaption { white-space: nowrap; }
 .grid img { image-rendering: pixelated; margin: 0 auto 2px; max-width: none; }
+.grid figure.wrong img { outline: 3px solid #d62728; outline-offset: -3px; }
+.grid figure.wrong figcaption { color: #b00; }
+.grid figure.right figcaption { color: #2a7a2a; }
 .missing { background: #fff4e5; border-left: 4px solid #f0a020; padding: 0.5em 1em; }
 """
+
+
+def _now() -> str:
+    return datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
+
+
+def _version() -> str:
+    from dpvit import __version__  # not at import time: dpvit/__init__ imports this package
+
+    return __version__
 
 
 @dataclass
@@ -58,6 +99,11 @@ class ReportContext:
         model: the evaluated model, for attention-rollout maps (None: no maps).
         metrics: the run's metrics.jsonl records, for the training curves.
         lr_schedule: learning rate of every scheduled step (None: the logged values).
+        run_name: the run's name (its directory), shown in the title ("": not shown).
+        checkpoint: the checkpoint the report is about ("": not shown).
+        config: the run's ``Config.to_dict()``, summarised in the header (None: not shown).
+        created: when the report was written (default: now).
+        version: the dpvit version that wrote it (default: this one).
     """
 
     images: np.ndarray
@@ -68,31 +114,72 @@ class ReportContext:
     model: Any = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
     lr_schedule: np.ndarray | None = None
+    run_name: str = ""
+    checkpoint: str = ""
+    config: dict[str, Any] | None = None
+    created: str = field(default_factory=_now)
+    version: str = field(default_factory=_version)
+
+
+#: (steps, learning rates) of one part of the schedule
+LrPart = tuple[np.ndarray, np.ndarray]
+
+
+def lr_parts(schedule: np.ndarray, steps_run: int) -> tuple[LrPart, LrPart]:
+    """The learning-rate schedule against step number, cut where the run got to.
+
+    Step ``s`` (counted from 1, as the logged steps are) uses ``schedule[s - 1]``.
+
+    Returns:
+        ((steps, rates) of the steps run, (steps, rates) planned but not run). The planned part
+        starts at the last step run, so that the two lines join; it is empty when the whole
+        schedule ran.
+    """
+    schedule = np.asarray(schedule, dtype=np.float64)
+    steps = np.arange(1, len(schedule) + 1)
+    done = int(np.clip(steps_run, 0, len(schedule)))
+    start = len(schedule) if done == len(schedule) else max(done - 1, 0)
+    return (steps[:done], schedule[:done]), (steps[start:], schedule[start:])
+
+
+def _logged_lr(metrics: list[dict[str, Any]]) -> LrPart:
+    logged = [(m["step"], m["lr"]) for m in metrics if m.get("kind") == "step" and "lr" in m]
+    return np.array([s for s, _ in logged]), np.array([lr for _, lr in logged])
 
 
 def _figures(report: dict[str, Any], context: ReportContext | None) -> dict[str, bytes]:
     """Draw every figure the context allows; raises ImportError without matplotlib."""
     from dpvit.report import plots
 
-    names = [row.get("name", str(row["class"])) for row in report["per_class"]]
     figures = {"confusion_matrix.png": plots.confusion(np.array(report["confusion_matrix"]),
-                                                       names)}
+                                                       _names(report))}
     if context is None:
         return figures
     if context.metrics or context.lr_schedule is not None:
         figures["curves.png"] = plots.curves(context.metrics)
-        figures["lr_schedule.png"] = plots.lr_schedule(context.lr_schedule, context.metrics)
+        run = planned = None
+        if context.lr_schedule is not None:
+            run, planned = lr_parts(context.lr_schedule, report["step"])
+        figures["lr_schedule.png"] = plots.lr_schedule(run, planned,
+                                                       _logged_lr(context.metrics))
     return figures
 
 
-def _thumb(image: np.ndarray, caption: str) -> str:
-    """A test image as an embedded PNG, shown enlarged with sharp pixels, with a caption
-    (HTML, already escaped)."""
+def _names(report: dict[str, Any]) -> list[str]:
+    return [row.get("name", str(row["class"])) for row in report["per_class"]]
+
+
+def _thumb(image: np.ndarray, lines: list[str], height: int = THUMB, css: str = "") -> str:
+    """A test image as an embedded PNG, shown enlarged with sharp pixels, with a caption of
+    one or more lines of plain text."""
     data = base64.b64encode(encode_png(image)).decode("ascii")
     h, w = image.shape[:2]
-    return (f'<figure><img src="data:image/png;base64,{data}" width="{round(THUMB * w / h)}" '
-            f'height="{THUMB}" alt="{caption.replace("<br>", " ")}">'
-            f"<figcaption>{caption}</figcaption></figure>")
+    cls = f' class="{css}"' if css else ""
+    return (f'<figure{cls}><img src="data:image/png;base64,{data}" '
+            f'width="{round(height * w / h)}" height="{height}" '
+            f'alt="{html.escape(" ".join(lines))}">'
+            f'<figcaption>{"<br>".join(html.escape(line) for line in lines)}</figcaption>'
+            "</figure>")
 
 
 def _overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
@@ -108,42 +195,62 @@ def _overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
     return np.concatenate([plain, np.full((h, 1, 3), 255, np.uint8), over], axis=1)
 
 
-def _misclassified(context: ReportContext, names: list[str]) -> str:
+def _section(sid: str, heading: str, body: str, intro: str = "") -> tuple[str, str, str]:
+    """(id, heading, HTML) of one section of the page."""
+    intro = f'<p class="note">{intro}</p>' if intro else ""
+    return sid, heading, f'<section id="{sid}"><h2>{heading}</h2>{intro}{body}</section>'
+
+
+def _figure(figures: dict[str, bytes], name: str, alt: str) -> str:
+    """The embedded figure ("" when it was not drawn)."""
+    if name not in figures:
+        return ""
+    data = base64.b64encode(figures[name]).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _misclassified(context: ReportContext, names: list[str]) -> tuple[str, str, str]:
     all_wrong = np.flatnonzero(context.predictions != context.labels)
     # the most confident mistakes first: the most informative ones
     order = np.argsort(-context.confidences[all_wrong], kind="stable")
     wrong = all_wrong[order][:MAX_MISCLASSIFIED]
-    cells = [_thumb(context.images[i], f"#{i} true {html.escape(names[context.labels[i]])}<br>"
-                    f"pred {html.escape(names[context.predictions[i]])} "
-                    f"{100 * context.confidences[i]:.0f}%") for i in wrong]
-    return (f"<h2>Misclassified test images</h2><p>{len(all_wrong)} of {len(context.labels)}; "
-            f"the {len(wrong)} most confident mistakes (test index, "
-            "true class, predicted class and its probability).</p>"
-            f'<div class="grid">{"".join(cells)}</div>')
+    cells = [_thumb(context.images[i],
+                    [f"{names[context.labels[i]]} \u2192 {names[context.predictions[i]]}",
+                     f"#{i} {100 * context.confidences[i]:.0f}%"]) for i in wrong]
+    return _section("misclassified", "Misclassified test images",
+                    f'<div class="grid">{"".join(cells)}</div>',
+                    f"{len(all_wrong)} of {len(context.labels)}; the {len(wrong)} most "
+                    "confident mistakes: true \u2192 predicted class, test index and the "
+                    "predicted class's probability.")
 
 
-def _attention(context: ReportContext, names: list[str]) -> str:
-    pick = np.arange(min(NUM_ATTENTION, len(context.images)))
+def attention_picks(labels: np.ndarray, predictions: np.ndarray,
+                    n: int = NUM_ATTENTION) -> np.ndarray:
+    """The test images shown with rollout maps, in test order: the first misclassified ones
+    (up to half of ``n``), the first correctly classified ones for the rest."""
+    wrong = np.flatnonzero(predictions != labels)[: n // 2]
+    right = np.flatnonzero(predictions == labels)[: n - len(wrong)]
+    return np.sort(np.concatenate([wrong, right]))[:n]
+
+
+def _attention(context: ReportContext, names: list[str]) -> tuple[str, str, str]:
+    pick = attention_picks(context.labels, context.predictions)
     x = normalize(context.images[pick], context.info.mean, context.info.std)
     maps = attention_rollout(context.model, x.astype(context.model.dtype))
-    cells = [_thumb(_overlay(context.images[i], heat),
-                    f"#{i} true {html.escape(names[context.labels[i]])}, "
-                    f"pred {html.escape(names[context.predictions[i]])}")
-             for i, heat in zip(pick, maps, strict=True)]
-    return ("<h2>Attention rollout</h2><p>Where the class token looks, through all layers "
-            "(Abnar &amp; Zuidema 2020), for the first test images: each image, and its "
-            f'rollout map over it (bright: more attention).</p><div class="grid">{"".join(cells)}'
-            "</div>")
-
-
-def _section(figures: dict[str, bytes], name: str, heading: str, intro: str = "") -> str:
-    """A heading, an optional paragraph and the embedded figure ("" when it was not drawn)."""
-    if name not in figures:
-        return ""
-    data = base64.b64encode(figures[name]).decode("ascii")
-    intro = f"<p>{intro}</p>" if intro else ""
-    return (f"<h2>{heading}</h2>{intro}"
-            f'<img src="data:image/png;base64,{data}" alt="{html.escape(heading)}">')
+    cells = []
+    for i, heat in zip(pick, maps, strict=True):
+        true, pred = names[context.labels[i]], names[context.predictions[i]]
+        if true == pred:
+            lines, css = [f"#{i} {true}", "\u2713 correct"], "right"
+        else:
+            lines, css = [f"#{i} true {true}", f"\u2717 predicted {pred}"], "wrong"
+        cells.append(_thumb(_overlay(context.images[i], heat), lines, ATTENTION_THUMB, css))
+    wrong = int(np.count_nonzero(context.labels[pick] != context.predictions[pick]))
+    return _section("attention", "Attention rollout", f'<div class="grid">{"".join(cells)}</div>',
+                    "Where the class token looks, through all layers (Abnar &amp; Zuidema "
+                    "2020): each image, and its rollout map over it (bright: more attention). "
+                    f"The first test images{', and the first misclassified ones' if wrong else ''}"
+                    f"; {wrong} wrong prediction(s), outlined in red.")
 
 
 def _table(header: list[str], rows: list[list[str]], diag: bool = False) -> str:
@@ -157,13 +264,75 @@ def _table(header: list[str], rows: list[list[str]], diag: bool = False) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+def _settings(config: dict[str, Any], model: Any) -> list[tuple[str, str]]:
+    """The header's one-line summaries of the data, model and training settings."""
+    m, t = config.get("model", {}), config.get("train", {})
+    rows = []
+    if t:
+        train = f"the first {t['train_subset']}" if t.get("train_subset") else "all"
+        rows.append(("data", f"trained on {train} {t.get('dataset')} training images"))
+    if m:
+        params = f"; {model.num_params():,} parameters" if model is not None else ""
+        rows.append(("model", f"ViT, {m.get('img_size')} px images in {m.get('patch_size')} px "
+                              f"patches ({m.get('patch_embed')}), dim {m.get('embed_dim')}, "
+                              f"depth {m.get('depth')}, {m.get('num_heads')} heads, MLP "
+                              f"\u00d7{m.get('mlp_ratio'):g}, {m.get('pool')} pooling{params}"))
+    if t:
+        stop = f", --max-steps {t['max_steps']}" if t.get("max_steps") else ""
+        momentum = (f" (momentum {t.get('momentum'):g})" if t.get("optimizer") == "sgd" else "")
+        rows.append(("training", f"{t.get('optimizer')}{momentum}, lr {t.get('lr'):g} "
+                                 f"\u2192 {t.get('min_lr'):g} (warmup "
+                                 f"{t.get('warmup_epochs'):g} epoch(s)), batch "
+                                 f"{t.get('batch_size')}, {t.get('epochs')} epochs{stop}, "
+                                 f"weight decay {t.get('weight_decay'):g}, label smoothing "
+                                 f"{t.get('label_smoothing'):g}, augmentation "
+                                 f"{'on' if t.get('augment') else 'off'}, seed "
+                                 f"{t.get('seed')}, {t.get('dtype')}"))
+    return rows
+
+
+def _header(report: dict[str, Any], context: ReportContext | None) -> str:
+    title = f"{report['dataset']} {report['split']} report"
+    run = f' <span class="run">{html.escape(context.run_name)}</span>' if (
+        context is not None and context.run_name) else ""
+    planned = ""
+    if context is not None and context.lr_schedule is not None:
+        planned = f" of {len(context.lr_schedule)} scheduled"
+        max_steps = (context.config or {}).get("train", {}).get("max_steps")
+        if max_steps == report["step"] < len(context.lr_schedule):
+            planned += f" (stopped there by --max-steps {max_steps})"
+    meta = [("evaluated", f"epoch {report['epoch']}, step {report['step']}{planned}, "
+                          f"{report['num_samples']} {report['split']} images, "
+                          f"{report['world_size']} rank(s)")]
+    if context is not None:
+        if context.checkpoint:
+            meta.append(("checkpoint", context.checkpoint))
+        if context.config:
+            meta += _settings(context.config, context.model)
+        meta.append(("written", f"{context.created} by dpvit {context.version}"))
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+                   for k, v in meta)
+    headline = "".join(f"<div><b>{v}</b>{k}</div>" for k, v in (
+        ("accuracy", f"{100 * report['accuracy']:.2f}%"), ("macro F1", f"{report['macro_f1']:.4f}"),
+        ("loss", f"{report['loss']:.4f}")))
+    return (f"<h1>{html.escape(title)}{run}</h1><header id=\"summary\">"
+            f'<div class="headline">{headline}</div><table class="meta">{rows}</table></header>')
+
+
+def _toc(sections: list[tuple[str, str, str]]) -> str:
+    """Links to the summary and to every section of the page."""
+    links = [("summary", "Summary"), *((sid, heading) for sid, heading, _ in sections)]
+    return '<nav class="toc">' + "".join(f'<a href="#{sid}">{heading}</a>'
+                                         for sid, heading in links) + "</nav>"
+
+
 def render_html(report: dict[str, Any], context: ReportContext | None
                 ) -> tuple[str, dict[str, bytes]]:
     """The page and its figures.
 
     Args:
         report: the report.json dictionary.
-        context: images, predictions, model and metrics (None: numbers only).
+        context: images, predictions, model, metrics and run details (None: numbers only).
 
     Returns:
         (HTML text, {PNG file name: PNG bytes}).
@@ -173,33 +342,41 @@ def render_html(report: dict[str, Any], context: ReportContext | None
         missing = ""
     except ImportError:
         figures, missing = {}, f'<p class="missing">{MISSING_MATPLOTLIB}</p>'
-    names = [row.get("name", str(row["class"])) for row in report["per_class"]]
+    names = _names(report)
     title = html.escape(f"{report['dataset']} {report['split']} report")
     per_class = _table(["class", "precision", "recall", "F1", "support"], [
         [names[r["class"]], f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}",
          str(r["support"])] for r in report["per_class"]])
-    cm_table = _table(["true \\ predicted", *names], [
-        [names[i], *map(str, row)] for i, row in enumerate(report["confusion_matrix"])],
-        diag=True)
-    samples = ""
+    if "confusion_matrix.png" in figures:  # the heatmap has the counts in its cells
+        confusion = _figure(figures, "confusion_matrix.png", "Confusion matrix")
+    else:  # no matplotlib: the counts as a table
+        confusion = _table(["true \\ predicted", *names], [
+            [names[i], *map(str, row)] for i, row in enumerate(report["confusion_matrix"])],
+            diag=True)
+    # rows of sections side by side: figures that are narrow enough to share the width
+    rows = [[], [_section("confusion", "Confusion matrix", confusion,
+                          "Rows: true class; columns: predicted class; counts in the cells."),
+                 _section("per-class", "Per-class metrics", per_class)]]
+    if "curves.png" in figures:
+        rows[0].append(_section("curves", "Training curves",
+                                _figure(figures, "curves.png", "Training curves"),
+                                "Training loss and accuracy of the logged batches; test after "
+                                "each evaluation."))
+    if "lr_schedule.png" in figures:
+        rows[0].append(_section("learning-rate", "Learning rate",
+                                _figure(figures, "lr_schedule.png", "Learning rate"),
+                                "Solid: the steps run; faint: the rest of the planned "
+                                "schedule."))
     if context is not None and len(context.labels):
-        samples = _misclassified(context, names)
+        rows.append([_misclassified(context, names)])
         if context.model is not None:
-            samples += _attention(context, names)
+            rows.append([_attention(context, names)])
+    sections = [s for row in rows for s in row]
+    body = ['<div class="row">' + "".join(s[2] for s in row) + "</div>" if len(row) > 1
+            else row[0][2] for row in rows if row]
     parts = [
         f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>",
-        f"<style>{STYLE}</style></head><body><h1>{title}</h1>",
-        f"<p>epoch {report['epoch']}, step {report['step']}, {report['world_size']} rank(s), "
-        f"{report['num_samples']} images</p>", missing,
-        _table(["metric", "value"], [["accuracy", f"{100 * report['accuracy']:.2f}%"],
-                                     ["macro F1", f"{report['macro_f1']:.4f}"],
-                                     ["loss", f"{report['loss']:.4f}"]]),
-        _section(figures, "curves.png", "Training curves",
-                 "Training loss and accuracy of the logged batches; test after each epoch."),
-        _section(figures, "lr_schedule.png", "Learning rate"),
-        _section(figures, "confusion_matrix.png", "Confusion matrix",
-                 "Rows: true class; columns: predicted class."),
-        "<h2>Confusion matrix counts</h2>", cm_table, "<h2>Per-class metrics</h2>", per_class,
-        samples, "</body></html>",
+        f"<style>{STYLE}</style></head><body>", _header(report, context), _toc(sections),
+        missing, *body, "</body></html>",
     ]
     return "\n".join(p for p in parts if p) + "\n", figures

@@ -1,94 +1,271 @@
-"""A one-line training progress bar for a terminal (what tqdm shows, without the dependency).
+"""What rank 0 shows while it trains: a live tqdm bar when someone watches a terminal, plain
+log lines with percentage and ETA otherwise.
 
-Rank 0 draws it on stderr, only when stderr is a terminal and ``--no-progress`` is not given
-(``progress_wanted``); otherwise the trainer logs plain lines. The line is redrawn in place
-(carriage return, erase line) at most every ``min_interval`` seconds. While it is open, a
-filter on the root logger's handlers wipes it before any log record is printed, so log lines
-(an evaluation, a checkpoint, a warning) never mix with it; the next update redraws it.
+``--progress`` chooses (`choose_mode`):
+
+- ``auto`` (the default): the bar when rank 0's stderr is a terminal, or when MPICH's
+  ``mpirun`` started rank 0 on this host and ``mpirun``'s own stderr is a terminal
+  (`bar_terminal`); plain lines otherwise (a pipe, a file, a batch job, rank 0 on another
+  host).
+- ``bar``: the bar on stderr whatever stderr is (redrawn with carriage returns).
+- ``plain``: a log line every ``--log-every`` steps, ``epoch 1 step 400/7496 (5%): loss
+  0.4321, lr 3.90e-03, 612 images/s, ETA 11:23``, with no control characters.
+  ``--no-progress`` means the same.
+- ``none``: neither; the epoch summaries are still logged.
+
+Why not ``/dev/tty``: Hydra's proxy starts every rank in a session of its own, so a rank has
+no controlling terminal and opening ``/dev/tty`` fails (ENXIO) even when ``mpirun`` was typed
+in a terminal. Rank 0's stderr is a pipe to the proxy, which forwards the bytes as they come
+(carriage returns and partial lines included) to ``mpirun``, which writes them to its own
+stderr. So rank 0 looks at its parents in ``/proc`` (rank -> ``hydra_pmi_proxy`` ->
+``mpirun``): when ``mpirun``'s stderr is a terminal, a bar written to rank 0's own stderr is
+drawn on it, in order with rank 0's log lines (one stream), and the bar's width is read from
+that terminal at each redraw.
+
+While the bar is open, console log records go through ``tqdm.write`` (tqdm's
+``logging_redirect_tqdm``, keeping the ``[rank r/N]`` formatter), which lifts the bar, prints
+the record on a line of its own and redraws the bar below it.
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
+import os
+import stat
 import sys
 import time
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+#: The values of ``--progress``.
+MODES = ("auto", "bar", "plain", "none")
+
+#: What ``/proc/<pid>/stat`` names Hydra's proxy and its launcher (15 characters at most).
+_PROXY = "hydra_pmi_proxy"
+_LAUNCHERS = ("mpirun", "mpiexec", "mpiexec.hydra")
 
 
-def progress_wanted(no_progress: bool, is_root: bool, stream: TextIO | None = None) -> bool:
-    """True when a bar should be drawn: rank 0, a terminal, and not ``--no-progress``."""
+def _parent_and_name(pid: int, proc: Path) -> tuple[int, str]:
+    text = (proc / str(pid) / "stat").read_text()
+    name = text[text.index("(") + 1 : text.rindex(")")]
+    return int(text[text.rindex(")") + 2 :].split()[1]), name
+
+
+def _is_pipe(stream: TextIO) -> bool:
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's StringIO)
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def mpirun_terminal(stream: TextIO | None = None, proc: Path = Path("/proc")) -> int | None:
+    """A descriptor open (read-only) on the terminal that ``mpirun``'s stderr is, when this
+    process is a rank that Hydra's proxy started on ``mpirun``'s host and ``stream`` (default
+    stderr) is the pipe the proxy forwards there; None otherwise. The caller closes it."""
     stream = sys.stderr if stream is None else stream
-    return is_root and not no_progress and stream.isatty()
+    if not _is_pipe(stream):
+        return None
+    return None
+    try:
+        proxy, _ = _parent_and_name(os.getpid(), proc)
+        launcher, proxy_name = _parent_and_name(proxy, proc)
+        _, launcher_name = _parent_and_name(launcher, proc)
+        if proxy_name != _PROXY or launcher_name not in _LAUNCHERS:
+            return None
+        fd = os.open(proc / str(launcher) / "fd" / "2", os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+    except (OSError, ValueError, IndexError):  # not Linux, another user's mpirun, a race
+        return None
+    if os.isatty(fd):
+        return fd
+    os.close(fd)
+    return None
 
 
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+class Terminal:
+    """The terminal a bar is drawn on, for its width (read at each redraw: the window may be
+    resized). ``fd`` None: unknown width (tqdm's default)."""
 
+    def __init__(self, fd: int | None, owned: bool = False) -> None:
+        self.fd, self.owned = fd, owned
 
-class ProgressBar:
-    """``epoch 2 [#####-----] 120/400 30% | loss 0.43 | lr 1.2e-03 | 2345 img/s | ETA 1:05``.
-
-    Args:
-        total: the step the run stops at.
-        stream: where to draw (default stderr).
-        min_interval: least seconds between redraws.
-        width: characters of the bar itself.
-    """
-
-    def __init__(self, total: int, stream: TextIO | None = None, min_interval: float = 0.1,
-                 width: int = 24) -> None:
-        self.total, self.width, self.min_interval = total, width, min_interval
-        self.stream = sys.stderr if stream is None else stream
-        self.rate = None  # smoothed images per second
-        self._last_time = time.perf_counter()
-        self._last_draw = 0.0
-        self._drawn = False
-        self._handlers = list(logging.getLogger().handlers)
-        for handler in self._handlers:
-            handler.addFilter(self._before_log)
-
-    def _before_log(self, record: logging.LogRecord) -> bool:
-        self.clear()
-        return True
-
-    def update(self, step: int, epoch: int, loss: float, lr: float, images: int) -> None:
-        """Record that ``images`` more images were trained on, reaching ``step``; redraw."""
-        now = time.perf_counter()
-        elapsed, self._last_time = now - self._last_time, now
-        if elapsed > 0:
-            current = images / elapsed
-            self.rate = current if self.rate is None else 0.9 * self.rate + 0.1 * current
-        if now - self._last_draw < self.min_interval and step < self.total:
-            return
-        self._last_draw = now
-        done = min(step / max(self.total, 1), 1.0)
-        filled = round(done * self.width)
-        line = (f"epoch {epoch} [{'#' * filled}{'-' * (self.width - filled)}] "
-                f"{step}/{self.total} {100 * done:3.0f}% | loss {loss:.4f} | lr {lr:.2e}")
-        if self.rate:
-            images_per_step = images if images else 1
-            eta = (self.total - step) * images_per_step / self.rate
-            line += f" | {self.rate:.0f} img/s | ETA {_clock(eta)}"
-        self.stream.write("\r\x1b[K" + line)
-        self.stream.flush()
-        self._drawn = True
-
-    def clear(self) -> None:
-        """Erase the bar (before a log line); the next update draws it again."""
-        if self._drawn:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self._drawn = False
-
-    def pause(self) -> None:
-        """Restart the rate clock, so that time spent outside training (evaluation) is not
-        counted as training time."""
-        self._last_time = time.perf_counter()
+    def columns(self) -> int | None:
+        """The width a bar may use: one less than the terminal's (as tqdm leaves it), so that
+        it never wraps."""
+        if self.fd is None:
+            return None
+        try:
+            return os.get_terminal_size(self.fd).columns - 1
+        except (OSError, ValueError):
+            return None
 
     def close(self) -> None:
-        """Erase the bar and stop watching the log handlers."""
-        self.clear()
-        for handler in self._handlers:
-            handler.removeFilter(self._before_log)
+        if self.owned and self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def bar_terminal(stream: TextIO | None = None) -> Terminal | None:
+    """The terminal that shows what is written to ``stream`` (default stderr): the stream
+    itself when it is a terminal, else ``mpirun``'s terminal (`mpirun_terminal`); None when
+    no terminal shows it. Close the result."""
+    stream = sys.stderr if stream is None else stream
+    if stream.isatty():
+        try:
+            return Terminal(stream.fileno())
+        except (AttributeError, OSError, ValueError):
+            return Terminal(None)
+    fd = mpirun_terminal(stream)
+    return None if fd is None else Terminal(fd, owned=True)
+
+
+def choose_mode(progress: str, no_progress: bool, is_root: bool,
+                stream: TextIO | None = None) -> str:
+    """``"bar"``, ``"plain"`` or ``"none"`` for this rank: other ranks show nothing,
+    ``--no-progress`` is ``plain``, ``auto`` is ``bar`` when a terminal shows ``stream``."""
+    if progress not in MODES:
+        raise ValueError(f"progress must be one of {', '.join(MODES)}, got {progress!r}")
+    if not is_root:
+        return "none"
+    if no_progress:
+        return "plain"
+    if progress != "auto":
+        return progress
+    terminal = bar_terminal(stream)
+    if terminal is None:
+        return "plain"
+    terminal.close()
+    return "bar"
+
+
+def format_eta(seconds: float | None) -> str:
+    """``11:23``, ``1:02:03``, or ``?`` while unknown (tqdm's format)."""
+    return "?" if seconds is None else tqdm.format_interval(seconds)
+
+
+class TerminalTqdm(tqdm):
+    """tqdm whose width follows a `Terminal` (which may not be the stream it writes to); no
+    monitor thread (it could redraw while the training thread logs)."""
+
+    monitor_interval = 0
+
+    def __init__(self, *args: Any, terminal: Terminal | None = None, **kwargs: Any) -> None:
+        self.terminal = terminal
+        super().__init__(*args, **kwargs)
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        values = super().format_dict
+        columns = self.terminal.columns() if getattr(self, "terminal", None) else None
+        if columns:
+            values["ncols"] = columns
+        return values
+
+
+class TrainingBar(TerminalTqdm):
+    """``epoch 1  35%|███▌      | 140/400, loss 0.4321, lr 1.20e-03, 2345 images/s, ETA 01:05``;
+    the images/s and ETA are tqdm's smoothed rate (time outside training excluded by
+    ``unpause``)."""
+
+    FORMAT = ("epoch {epoch} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}, loss {loss}, "
+              "lr {lr}, {images_per_s} images/s, ETA {remaining}")
+
+    def __init__(self, *args: Any, batch_size: int = 1, **kwargs: Any) -> None:
+        self.batch_size = batch_size
+        self.fields = {"epoch": 0, "loss": "?", "lr": "?"}
+        super().__init__(*args, bar_format=self.FORMAT, **kwargs)
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        values = super().format_dict
+        rate = values.get("rate")
+        if rate is None and values["elapsed"]:
+            rate = (values["n"] - values["initial"]) / values["elapsed"]
+        return {**values, **self.fields,
+                "images_per_s": f"{rate * self.batch_size:.0f}" if rate else "?"}
+
+
+class StepClock:
+    """Seconds per training step since training (re)started, for the plain lines' ETA; time
+    between `resume` and the step before it (an evaluation) is not counted."""
+
+    def __init__(self, step: int) -> None:
+        self.first = self.step = step
+        self.seconds = 0.0
+        self.last = time.perf_counter()
+
+    def tick(self, step: int) -> None:
+        now = time.perf_counter()
+        self.seconds += now - self.last
+        self.last, self.step = now, step
+
+    def resume(self) -> None:
+        self.last = time.perf_counter()
+
+    def eta(self, total: int) -> float | None:
+        done = self.step - self.first
+        return None if done <= 0 else max(total - self.step, 0) * self.seconds / done
+
+
+class TrainingProgress:
+    """Rank 0's display of a training run: `TrainingBar` (``mode="bar"``), plain lines
+    (`line`, logged by the trainer when `plain` is true), or nothing (``"none"``).
+
+    Args:
+        mode: ``"bar"``, ``"plain"`` or ``"none"`` (`choose_mode`).
+        total: the step the run stops at.
+        initial: the step it starts from (a resumed run).
+        batch_size: images per step (global), for images/s.
+        stream: where the bar is drawn (default stderr).
+        min_interval: least seconds between redraws.
+    """
+
+    def __init__(self, mode: str, total: int, initial: int = 0, batch_size: int = 1,
+                 stream: TextIO | None = None, min_interval: float = 0.1) -> None:
+        self.mode, self.total = mode, total
+        self.clock = StepClock(initial)
+        self.bar: TrainingBar | None = None
+        self._exit = contextlib.ExitStack()
+        if mode == "bar":
+            stream = sys.stderr if stream is None else stream
+            terminal = bar_terminal(stream) or Terminal(None)
+            self._exit.callback(terminal.close)
+            self.bar = TrainingBar(total=total, initial=initial, file=stream,
+                                   mininterval=min_interval, terminal=terminal,
+                                   batch_size=batch_size, leave=True)
+            self._exit.callback(self.bar.close)
+            self._exit.enter_context(logging_redirect_tqdm(tqdm_class=TrainingBar))
+
+    @property
+    def plain(self) -> bool:
+        """True when the trainer should log the per-step lines."""
+        return self.mode == "plain"
+
+    def update(self, step: int, epoch: int, loss: float, lr: float) -> None:
+        """Training reached ``step`` in ``epoch`` (the epoch in progress, counted from 1, as
+        the evaluation lines count); redraw the bar (at most every ``min_interval``)."""
+        self.clock.tick(step)
+        if self.bar is not None:
+            self.bar.fields.update(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            self.bar.update(step - self.bar.n)
+
+    def line(self, step: int, epoch: int, loss: float, lr: float, images_per_s: float) -> str:
+        """``epoch 1 step 400/7496 (5%): loss 0.4321, lr 3.90e-03, 612 images/s, ETA 11:23``."""
+        percent = 100 * step / max(self.total, 1)
+        return (f"epoch {epoch} step {step}/{self.total} ({percent:.0f}%): loss {loss:.4f}, "
+                f"lr {lr:.2e}, {images_per_s:.0f} images/s, "
+                f"ETA {format_eta(self.clock.eta(self.total))}")
+
+    def resume(self) -> None:
+        """Training resumes after an evaluation: that time is not training time (the rate and
+        ETA would otherwise drop after every epoch)."""
+        self.clock.resume()
+        if self.bar is not None:
+            self.bar.unpause()
+
+    def close(self) -> None:
+        """Draw the bar a last time and leave it; log records go to stderr directly again."""
+        self._exit.close()

@@ -28,24 +28,19 @@ from dpvit.data import (
 )
 from dpvit.inference import Evaluation, evaluate_model
 from dpvit.nn.losses import CrossEntropyLoss
-from dpvit.optim import build_optimizer, clip_grad_norm_
+from dpvit.optim import build_optimizer
 from dpvit.parallel.comm import Comm
-from dpvit.parallel.replicas import Replicas
 from dpvit.report import ReportContext, write_report
 from dpvit.training.debug import gradient_spot_check, watch_non_finite
-from dpvit.training.guard import StopSignals, agreed_signal, preempted, stop_votes
+from dpvit.training.guard import StopSignals, preempted
 from dpvit.training.metrics_log import MetricsLog
 from dpvit.training.nonfinite import NonFiniteSteps, check_finite
-from dpvit.training.progress import ProgressBar, progress_wanted
+from dpvit.training.progress import TrainingProgress, choose_mode
 from dpvit.training.schedule import Schedule
+from dpvit.training.step import TrainStep
 from dpvit.vit import VisionTransformer
 
 logger = logging.getLogger(__name__)
-
-
-#: Numbers summed across ranks in the gradient allreduce, after the gradients: the loss, the
-#: count of correct predictions, and one vote per stop signal (`stop_votes`).
-STEP_EXTRAS = 4
 
 
 @dataclass
@@ -68,27 +63,33 @@ class Trainer:
         run_dir: where rank 0 writes metrics, reports and checkpoints.
         stop: the job's SIGTERM/SIGINT flag; agreed across ranks at every step (its votes
             travel in the gradient allreduce).
+        store_path: the dataset's store, already prepared on every rank (``prepare_dataset``;
+            ``python -m dpvit.train`` prepares it before creating the run directory);
+            prepared here when None.
     """
 
     def __init__(self, cfg: Config, comm: Comm, run_dir: Path,
-                 stop: StopSignals | None = None) -> None:
+                 stop: StopSignals | None = None, store_path: Path | None = None) -> None:
         self.cfg, self.comm, self.run_dir, self.stop = cfg, comm, run_dir, stop
         t = cfg.train
         self.dtype = np.dtype(t.dtype)
         self.model = VisionTransformer(cfg.model, self.dtype, seed=t.seed)
         self.store = self.model.store
-        # before anything holds the gradient buffer: the replicas and the optimizer read it
-        self.step_extras = self.store.extend_grads(STEP_EXTRAS)
-        self.replicas = Replicas(self.model, comm.threads)
-        if t.debug:
-            for model in self.replicas.models:
-                watch_non_finite(model)
         self.optimizer = build_optimizer(
             t.optimizer, self.store, t.lr, t.weight_decay, momentum=t.momentum,
             nesterov=t.nesterov, betas=(t.beta1, t.beta2))
         self.loss_fn = CrossEntropyLoss(t.label_smoothing)
+        # the step, also what `python -m dpvit.bench` times; it builds the replicas
+        self.parallel_step = TrainStep(self.model, comm, self.optimizer, self.loss_fn,
+                                       batch_size=t.batch_size, grad_clip=t.grad_clip,
+                                       seed=t.seed)
+        self.replicas = self.parallel_step.replicas
+        if t.debug:
+            for model in self.replicas.models:
+                watch_non_finite(model)
         self.info = DATASETS[t.dataset]
-        store_path = prepare_dataset(t.dataset, t.data_dir, comm)
+        if store_path is None:
+            store_path = prepare_dataset(t.dataset, t.data_dir, comm, store_dir=t.store_dir)
         self.train_x, self.train_y = _subset(load_split(store_path, "train"), t.train_subset)
         self.test_x, self.test_y = _subset(load_split(store_path, "test"), t.test_subset)
         self.schedule = Schedule.for_run(t, len(self.train_y))
@@ -159,39 +160,21 @@ class Trainer:
         worst = max(r["rel_err"] for r in gradient_spot_check(self.model, loss_of))
         logger.info("gradient check on the first batch: max relative error %.1e", worst)
 
-    def forward_backward_part(self, model: VisionTransformer, indices: np.ndarray,
-                              x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-        """Forward/backward of one part of this rank's share on one replica (its thread).
-
-        Returns the part's loss (over the global batch size) and its correct count.
-        """
-        t = self.cfg.train
-        model.set_dropout_keys(t.seed, self.state.step, indices)
-        logits = model.forward(x.astype(self.dtype, copy=False), train=True)
-        loss, dlogits = self.loss_fn(logits, y, denominator=t.batch_size)
-        model.backward(dlogits, input_grad=False)
-        return loss, float(np.count_nonzero(logits.argmax(axis=1) == y))
-
     def train_step(self, indices: np.ndarray, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-        """Forward/backward on this rank's share, allreduce, clip, optimizer step."""
+        """One `TrainStep` (forward/backward on this rank's share, allreduce, clip, optimizer
+        step) at the schedule's learning rate; a non-finite step is skipped (`NonFiniteSteps`)."""
         t, state = self.cfg.train, self.state
-        # a rank can get no samples when batch_size < world size: its gradients stay zero
-        loss, correct = self.replicas.forward_backward(self.forward_backward_part, indices, x, y)
-        # one Allreduce per step: the gradients, then loss, correct count and stop votes
-        self.step_extras[:] = [loss, correct, *stop_votes(self.stop)]
-        self.comm.allreduce_sum_(self.store.grad_buffer)
-        loss, correct = float(self.step_extras[0]), float(self.step_extras[1])
-        self.stop_signal = agreed_signal(self.step_extras[2:])
-        grad_norm = clip_grad_norm_(self.store.flat_grads, t.grad_clip)
+        self.comm.set_context(f"step {state.step + 1}")
         lr = self.schedule.lr(state.step)
         # a skipped step uses up its batch; the model and optimizer state stay as they were
-        if self.bad_steps.may_update(state.step + 1, state.epoch, loss, grad_norm):
-            self.optimizer.lr = lr
-            self.optimizer.step()
-            check_finite({"parameters": self.store.flat_params}, state.step + 1)
+        done = self.parallel_step(
+            state.step, indices, x, y, lr, self.stop,
+            may_update=lambda loss, norm: self.bad_steps.may_update(state.step + 1, state.epoch,
+                                                                    loss, norm))
+        self.stop_signal = done.stop_signal
         state.step += 1
-        return {"loss": loss, "accuracy": correct / t.batch_size, "lr": lr,
-                "grad_norm": grad_norm, "skipped_steps": self.bad_steps.total}
+        return {"loss": done.loss, "accuracy": done.correct / t.batch_size, "lr": lr,
+                "grad_norm": done.grad_norm, "skipped_steps": self.bad_steps.total}
 
     # -- evaluation ----------------------------------------------------------------------------
 
@@ -207,7 +190,10 @@ class Trainer:
                              confidences=evaluation.confidences, info=self.info,
                              model=self.model,
                              metrics=self.metrics.read(),
-                             lr_schedule=self.schedule.all_lrs())
+                             lr_schedule=self.schedule.all_lrs(),
+                             run_name=self.run_dir.name, config=self.cfg.to_dict(),
+                             # save() writes it right after the report
+                             checkpoint=f"checkpoints/step-{self.state.step}.h5")
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -227,6 +213,7 @@ class Trainer:
         self.comm.check_identical(self.store.flat_params, f"parameters at step {state.step}")
         if epoch_done:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        self.comm.set_context(f"the evaluation after step {state.step}")
         evaluation = self.evaluate()  # reports the epochs completed, as the checkpoint does
         report = evaluation.report
         record = {"kind": "epoch", "epoch": state.epoch, "step": state.step,
@@ -257,18 +244,17 @@ class Trainer:
         return batches, loader
 
     def after_step(self, stats: dict[str, Any], meter: ThroughputMeter,
-                   bar: ProgressBar | None) -> None:
+                   progress: TrainingProgress) -> None:
         """Log, check the ranks agree, honour an agreed stop signal, checkpoint on schedule."""
         t, state, total = self.cfg.train, self.state, self.schedule.total_steps
-        if bar is not None:
-            bar.update(state.step, state.epoch, stats["loss"], stats["lr"], t.batch_size)
+        progress.update(state.step, state.epoch + 1, stats["loss"], stats["lr"])
         if state.step % t.log_every == 0 or state.step == total:
             stats.update(kind="step", step=state.step, epoch=state.epoch,
                          images_per_s=meter.rate_and_restart())
             self.metrics.append(stats)
-            logger.log(logging.INFO if bar is None else logging.DEBUG,
-                       "epoch %d step %d/%d: loss %.4f, lr %.2e, %.0f images/s", state.epoch,
-                       state.step, total, stats["loss"], stats["lr"], stats["images_per_s"])
+            logger.log(logging.INFO if progress.plain else logging.DEBUG, "%s",
+                       progress.line(state.step, state.epoch + 1, stats["loss"], stats["lr"],
+                                     stats["images_per_s"]))
             self.comm.check_identical(self.store.flat_params,
                                       f"parameters after step {state.step}")
         if signum := self.stop_signal:
@@ -289,25 +275,25 @@ class Trainer:
         logger.info("training %d steps (%d per epoch) at global batch %d on %d rank(s)",
                     schedule.total_steps, schedule.steps_per_epoch, t.batch_size,
                     self.comm.size)
-        bar = None  # rank 0 on a terminal: a progress bar instead of the per-step log lines
-        if progress_wanted(t.no_progress, self.comm.is_root):
-            bar = ProgressBar(schedule.total_steps)
-        while state.step < schedule.total_steps:
-            batches, loader = self.epoch_batches()
-            for indices, (x, y) in zip(batches, loader, strict=True):
-                if t.debug and state.step == 0:
-                    self.check_gradients(indices, x, y)
-                stats = self.train_step(indices, x, y)
-                state.step_in_epoch += 1
-                meter.add(t.batch_size)
-                self.after_step(stats, meter, bar)
-            epoch_done = state.step_in_epoch == schedule.steps_per_epoch
-            if epoch_done or state.step == schedule.total_steps:
-                report = self.end_of_epoch(epoch_done)
-                if bar is not None:
-                    bar.pause()
-        if bar is not None:
-            bar.close()
+        # rank 0: a bar when a terminal shows it, else plain per-step lines (--progress)
+        progress = TrainingProgress(choose_mode(t.progress, t.no_progress, self.comm.is_root),
+                                    schedule.total_steps, state.step, t.batch_size)
+        try:
+            while state.step < schedule.total_steps:
+                batches, loader = self.epoch_batches()
+                for indices, (x, y) in zip(batches, loader, strict=True):
+                    if t.debug and state.step == 0:
+                        self.check_gradients(indices, x, y)
+                    stats = self.train_step(indices, x, y)
+                    state.step_in_epoch += 1
+                    meter.add(t.batch_size)
+                    self.after_step(stats, meter, progress)
+                epoch_done = state.step_in_epoch == schedule.steps_per_epoch
+                if epoch_done or state.step == schedule.total_steps:
+                    report = self.end_of_epoch(epoch_done)
+                    progress.resume()
+        finally:
+            progress.close()
         return report
 
 

@@ -1,0 +1,112 @@
+"""One data-parallel training step (docs/design.md, "The data-parallel step").
+
+The trainer runs it on its batches and ``python -m dpvit.bench`` times it on a synthetic batch,
+so the benchmark measures the code that trains. Rank ``r`` runs forward and backward of its
+share of the global batch on its replicas, each part's loss divided by the *global* batch size;
+one in-place ``Allreduce`` sums the gradient buffer, whose extra slots carry the loss, the
+count of correct predictions and the stop votes; every rank then clips and updates on
+identical numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from dpvit.nn.losses import CrossEntropyLoss
+from dpvit.optim import Optimizer, clip_grad_norm_
+from dpvit.parallel.comm import Comm
+from dpvit.parallel.replicas import MICRO_BATCH, Replicas
+from dpvit.training.guard import STOP_SIGNALS, StopSignals, agreed_signal, stop_votes
+from dpvit.training.nonfinite import check_finite
+from dpvit.vit import VisionTransformer
+
+#: Numbers summed across ranks in the gradient allreduce, after the gradients: the loss, the
+#: count of correct predictions, and one vote per stop signal (`stop_votes`).
+STEP_EXTRAS = 2 + len(STOP_SIGNALS)
+
+
+@dataclass
+class StepResult:
+    """What the ranks agreed on in one step (identical on every rank)."""
+
+    loss: float  # the global batch's loss (each part's loss is over the global batch size)
+    correct: float  # correct predictions in the global batch
+    grad_norm: float  # global L2 norm of the gradient before clipping
+    stop_signal: int  # a stop signal any rank received (0: none)
+    updated: bool  # False when ``may_update`` refused the update (a non-finite step)
+
+
+class TrainStep:
+    """Forward/backward of this rank's share on its replicas, one allreduce, clip, update.
+
+    It extends the model's gradient buffer by `STEP_EXTRAS` slots and builds the replicas
+    (``self.replicas``) over the model, so create it before the first backward. It adds the
+    seconds spent in forward/backward and in the allreduce to ``compute_seconds`` and
+    ``allreduce_seconds`` (the benchmark reads and resets them).
+
+    Args:
+        model: the rank's model (replica 0).
+        comm: the job's communicator; ``comm.threads`` replicas share this rank's work.
+        optimizer: updates ``model``'s parameters from its summed gradients.
+        loss_fn: returns ``(loss, dlogits)`` for logits, labels and a denominator.
+        batch_size: images per step over all ranks (the global batch).
+        grad_clip: the most global gradient norm (0: no clipping).
+        seed: the run's seed (dropout is keyed by seed, step and sample index).
+        micro_batch: most images per forward/backward pass (see `Replicas`).
+    """
+
+    def __init__(self, model: VisionTransformer, comm: Comm, optimizer: Optimizer,
+                 loss_fn: CrossEntropyLoss, *, batch_size: int, grad_clip: float, seed: int,
+                 micro_batch: int = MICRO_BATCH) -> None:
+        self.comm, self.optimizer, self.loss_fn = comm, optimizer, loss_fn
+        self.batch_size, self.grad_clip, self.seed = batch_size, grad_clip, seed
+        self.store = model.store
+        # before the replicas read the gradient buffer: the extras travel in the same allreduce
+        self.extras = self.store.extend_grads(STEP_EXTRAS)
+        self.replicas = Replicas(model, comm.threads, micro_batch)
+        self.step = 0  # the step being taken (0-based), for the dropout keys
+        self.compute_seconds = self.allreduce_seconds = 0.0
+
+    def forward_backward_part(self, model: VisionTransformer, indices: np.ndarray,
+                              x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        """Forward/backward of one part of this rank's share on one replica (its thread).
+
+        Returns the part's loss (over the global batch size) and its correct count.
+        """
+        model.set_dropout_keys(self.seed, self.step, indices)
+        logits = model.forward(x.astype(self.store.dtype, copy=False), train=True)
+        loss, dlogits = self.loss_fn(logits, y, denominator=self.batch_size)
+        model.backward(dlogits, input_grad=False)
+        return loss, float(np.count_nonzero(logits.argmax(axis=1) == y))
+
+    def __call__(self, step: int, indices: np.ndarray, x: np.ndarray, y: np.ndarray,
+                 lr: float, stop: StopSignals | None = None,
+                 may_update: Callable[[float, float], bool] | None = None) -> StepResult:
+        """Take step number ``step`` (0-based) on this rank's share ``x``, ``y`` (global sample
+        ``indices``) at learning rate ``lr``.
+
+        ``stop`` is this rank's signal flag (its vote travels in the allreduce);
+        ``may_update(loss, grad_norm)`` may refuse the update (the parameters and optimizer
+        state then stay as they were); None always updates.
+        """
+        self.step = step
+        start = time.perf_counter()
+        # a rank can get no samples when batch_size < world size: its gradients stay zero
+        loss, correct = self.replicas.forward_backward(self.forward_backward_part, indices, x, y)
+        self.extras[:] = [loss, correct, *stop_votes(stop)]
+        reduce_start = time.perf_counter()
+        self.comm.allreduce_sum_(self.store.grad_buffer)
+        self.allreduce_seconds += time.perf_counter() - reduce_start
+        self.compute_seconds += reduce_start - start
+        loss, correct = float(self.extras[0]), float(self.extras[1])
+        grad_norm = clip_grad_norm_(self.store.flat_grads, self.grad_clip)
+        updated = may_update is None or may_update(loss, grad_norm)
+        if updated:
+            self.optimizer.lr = lr
+            self.optimizer.step()
+            check_finite({"parameters": self.store.flat_params}, step + 1)
+        return StepResult(loss, correct, grad_norm, agreed_signal(self.extras[2:]), updated)
