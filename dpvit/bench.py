@@ -5,6 +5,8 @@
     python -m dpvit.bench --compare-torch --ranks 2   # dpvit vs PyTorch DDP (gloo), same run
     python -m dpvit.bench --scaling               # -n 1 (1 thread), 1 process, -n 2, -n 4;
                                                   # --batch-size images per replica in each
+    mpirun -n 2 python -m dpvit.bench --comm      # the gradient allreduce per bucket size and
+                                                  # compression, alone and inside the step
 
 The step measured is the trainer's own step (`dpvit.training.step.TrainStep`: forward, loss,
 backward, gradient allreduce, clipping, AdamW) on a fixed synthetic batch, the same work the
@@ -32,11 +34,13 @@ from typing import Any
 from dpvit.cli import CliParser, run_main
 from dpvit.errors import ConfigError, UserError
 from dpvit.parallel.comm import Comm
+from dpvit.parallel.gradsync import COMPRESSIONS
 from dpvit.parallel.launcher import find_mpirun
 from dpvit.parallel.replicas import MICRO_BATCH
 from dpvit.parallel.threads import available_cores
 from dpvit.profiling import (
     StepBench,
+    comm_table,
     forward_flops_per_image,
     gemm_peak_flops,
     layer_table,
@@ -67,6 +71,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--mlp-ratio", type=float, default=2.0)
     p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--bucket-mb", type=float, default=0.0,
+                   help="gradient allreduce in buckets of this many MiB (as training's flag)")
+    p.add_argument("--grad-compression", choices=("none", "fp16", "bf16"), default="none",
+                   help="16-bit gradients on the wire (as training's flag)")
+    p.add_argument("--comm", action="store_true",
+                   help="communication mode: for each --comm-buckets x --comm-compressions, "
+                        "the allreduce alone, the step with it, and the share of the "
+                        "allreduce hidden behind backward")
+    p.add_argument("--comm-buckets", default="0,0.1,0.25",
+                   help="bucket sizes in MiB for --comm (0: one allreduce)")
+    p.add_argument("--comm-compressions", default="none,fp16",
+                   help="compressions for --comm (none, fp16, bf16)")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--compare-torch", action="store_true",
@@ -83,6 +99,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
     if args.micro_batch < 0:
         raise ConfigError("--micro-batch must be 0 (off) or a positive integer")
+    if args.bucket_mb < 0:
+        raise ConfigError("--bucket-mb must not be negative")
+    try:
+        buckets = [float(b) for b in args.comm_buckets.split(",")]
+    except ValueError:
+        raise ConfigError(f"--comm-buckets must be numbers separated by commas, got "
+                          f"{args.comm_buckets!r}") from None
+    compressions = args.comm_compressions.split(",")
+    if any(b < 0 for b in buckets) or any(c not in COMPRESSIONS for c in compressions):
+        raise ConfigError(f"--comm-buckets takes sizes >= 0 and --comm-compressions "
+                          f"{', '.join(COMPRESSIONS)}; got {args.comm_buckets!r} and "
+                          f"{args.comm_compressions!r}")
+    args.comm_settings = [(b, c) for c in compressions for b in buckets]
     return args
 
 
@@ -99,7 +128,8 @@ def measure(comm: Comm, args: argparse.Namespace) -> dict[str, Any]:
     # one BLAS thread's peak with all ranks busy at once, times the rank's replica threads
     # (an estimate of the threads' combined peak)
     peak = comm.allreduce_min(gemm_peak_flops()) * comm.threads
-    bench = StepBench(cfg, comm, args.batch_size, args.dtype, args.micro_batch)
+    bench = StepBench(cfg, comm, args.batch_size, args.dtype, args.micro_batch,
+                      args.bucket_mb, args.grad_compression)
     result = summarize(bench.run(args.steps, args.warmup, args.repeats),
                        args.batch_size * comm.size)
     train_flops = 3 * forward_flops_per_image(cfg)
@@ -263,9 +293,28 @@ def summarize_comparison(args: argparse.Namespace, records: dict[str, list[dict[
     return result, "\n".join(lines)
 
 
+def measure_comm(comm: Comm, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """--comm: the gradient allreduce of this job's ranks per bucket size and compression."""
+    rows = comm_table(model_config(args), comm, args.batch_size, args.comm_settings,
+                      args.steps, args.warmup, args.repeats, args.micro_batch)
+    lines = [f"gradient allreduce on {comm.size} rank(s), batch {args.batch_size}/rank "
+             "(alone: ms per allreduce; exposed: ms per step waited after backward; hidden: "
+             "1 - exposed / alone)",
+             f"  {'bucket MiB':>10} {'compression':>11} {'buckets':>7} {'alone ms':>9} "
+             f"{'exposed ms':>10} {'hidden':>6} {'images/s':>8} {'step ms':>7}"]
+    lines += [f"  {r['bucket_mb']:>10g} {r['compression']:>11} {r['buckets']:>7} "
+              f"{r['allreduce_ms']:>9.2f} {r['exposed_ms']:>10.2f} "
+              f"{100 * r['hidden_share']:>5.0f}% {r['images_per_s']:>8.0f} "
+              f"{r['step_ms']:>7.1f}" for r in rows]
+    return {"world_size": comm.size, "batch_per_rank": args.batch_size, "comm": rows}, \
+        "\n".join(lines)
+
+
 def run(comm: Comm, argv: list[str] | None) -> int:
     args = parse_args(argv)
-    if args.compare_torch or args.scaling:
+    if args.comm:
+        result, text = measure_comm(comm, args)
+    elif args.compare_torch or args.scaling:
         if comm.size > 1:
             raise ConfigError("--compare-torch and --scaling start their own jobs; run them "
                               "without mpirun (use --ranks N)")
@@ -283,7 +332,8 @@ def run(comm: Comm, argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (``dpvit-bench``)."""
-    sys.exit(run_main(partial(run, argv=argv), argv))
+    sys.exit(run_main(partial(run, argv=argv), argv, parse_args=parse_args,
+                      announce_threads=True))
 
 
 if __name__ == "__main__":

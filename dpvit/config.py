@@ -69,9 +69,22 @@ class TrainConfig:
                                       "--run-dir, or start a new run (with a warning) when "
                                       "there is none; 'must': the same, but fail when there is "
                                       "none; or a checkpoint path")
+    init_from: str | None = option(None, "start from these weights: a .safetensors file in "
+                                         "timm's VisionTransformer layout (python -m "
+                                         "dpvit.export); a fresh optimizer, not a resume, and "
+                                         "ignored when --resume finds a checkpoint")
+    reset_head: bool = option(False, "with --init-from: keep a freshly initialised head "
+                                     "instead of the file's (e.g. MNIST -> Fashion-MNIST)")
     checkpoint_every: int = option(0, "also checkpoint every N steps (0: only at epoch ends)")
     keep: int = option(3, "rolling step checkpoints to keep")
     log_every: int = option(50, "log training metrics every N steps")
+    tensorboard: str | None = option(None, "also write rank 0's metrics and per-epoch confusion "
+                                           "matrix as TensorBoard event files into this "
+                                           "directory (needs tensorboardX)")
+    timeline: str | None = option(None, "write a Chrome trace (Perfetto, chrome://tracing) of "
+                                        "--timeline-steps steps of every rank to this JSON "
+                                        "file (docs/performance.md)")
+    timeline_steps: int = option(20, "steps --timeline records, after a few warm-up steps")
     train_subset: int | None = option(None, "use only the first N training images")
     test_subset: int | None = option(None, "use only the first N test images")
     dtype: str = option("float32", "parameter and activation dtype", choices=("float32", "float64"))
@@ -81,6 +94,13 @@ class TrainConfig:
                            choices=("auto", "bar", "plain", "none"))
     no_progress: bool = option(False, "same as --progress plain")
     debug: bool = option(False, "single-process debug mode: float64, small subset, checks")
+    bucket_mb: float = option(0.0, "gradient allreduce in buckets of about this many MiB, "
+                                   "each started as soon as backward has produced it "
+                                   "(overlapped with the rest of backward); 0: one allreduce "
+                                   "after backward")
+    grad_compression: str = option("none", "send gradients as 16-bit floats (summed in float32, "
+                                           "with error feedback)",
+                                   choices=("none", "fp16", "bf16"))
     collective_timeout: float = option(600.0, "seconds a rank may wait in one collective "
                                               "before the whole job stops with a message "
                                               "naming the missing ranks (0: wait forever)")
@@ -89,14 +109,14 @@ class TrainConfig:
         """Raise ConfigError with one clear sentence for an impossible setting, naming the
         setting as its flag is typed (``--batch-size``)."""
         for name in ("epochs", "batch_size", "keep", "log_every", "max_bad_steps", "max_steps",
-                     "train_subset", "test_subset"):
+                     "train_subset", "test_subset", "timeline_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{_flag(self, name)} must be a positive integer, got {value}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         for name in ("warmup_epochs", "checkpoint_every", "grad_clip", "no_aug_epochs",
-                     "aug_shift", "aug_rotate"):
+                     "aug_shift", "aug_rotate", "bucket_mb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_flag(self, name)} must not be negative, "
                                   f"got {getattr(self, name)}")
@@ -107,6 +127,9 @@ class TrainConfig:
         if self.resume in ("auto", "must") and not self.run_dir:
             raise ConfigError(f"--resume {self.resume} needs --run-dir (the run directory to "
                               "continue)")
+        if self.reset_head and not self.init_from:
+            raise ConfigError("--reset-head needs --init-from (the weights whose head it "
+                              "replaces)")
 
     def augmentation(self, epoch: int) -> Augmentation | None:
         """The training-image perturbation in ``epoch`` (0-based), or None for clean images.
@@ -167,7 +190,8 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
         return None
     if f.name in ("max_steps", "train_subset", "test_subset"):
         kind = int
-    elif f.name in ("data_dir", "store_dir", "run_dir", "resume"):
+    elif f.name in ("data_dir", "store_dir", "run_dir", "resume", "init_from", "tensorboard",
+                    "timeline"):
         kind = str
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -244,7 +268,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
             flag = "--" + _flag_name(f)
             help_text = f"{f.metadata['help']} (default: {f.default})"
             if isinstance(f.default, bool):
-                if f.default is False and f.name in ("no_progress", "debug", "nesterov"):
+                if f.default is False and f.name in ("no_progress", "debug", "nesterov",
+                                                        "reset_head"):
                     group.add_argument(flag, dest=f.name, action="store_true", help=help_text)
                 else:
                     group.add_argument(flag, dest=f.name, type=_parse_bool, metavar="BOOL",

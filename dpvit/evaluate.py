@@ -52,11 +52,17 @@ def build_parser() -> CliParser:
     return parser
 
 
-def run(comm: Comm, argv: list[str] | None) -> int:
-    """The command body, run on every rank by ``run_main``."""
+def parse_args(argv: list[str] | None):
+    """The command line, checked (ConfigError for a bad flag or value)."""
     args = build_parser().parse_args(argv)
     if args.batch_size < 1 or (args.test_subset is not None and args.test_subset < 1):
         raise ConfigError("--batch-size and --test-subset must be positive integers")
+    return args
+
+
+def run(comm: Comm, argv: list[str] | None) -> int:
+    """The command body, run on every rank by ``run_main``."""
+    args = parse_args(argv)
     loaded = None
     if comm.is_root:  # one rank reads the file; a bad checkpoint is one error, then abort-all
         model, cfg, ckpt = load_model(args.checkpoint)
@@ -96,7 +102,7 @@ def run(comm: Comm, argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (``dpvit-evaluate``)."""
-    sys.exit(run_main(partial(run, argv=argv), argv))
+    sys.exit(run_main(partial(run, argv=argv), argv, parse_args=parse_args))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``python -m dpvit.export``: a checkpoint's weights as a timm ``VisionTransformer`` safetensors file.
+"""``python -m dpvit.export``: a checkpoint's weights as a timm ViT state dict in safetensors.
 
     python -m dpvit.export --checkpoint runs/x/checkpoints/best.h5 --out vit-mnist.safetensors
 

@@ -96,16 +96,19 @@ class StepBench:
         batch_per_rank: images per rank per step.
         dtype: float32 or float64.
         micro_batch: most images per forward/backward pass (see ``dpvit.parallel.replicas``).
+        bucket_mb, grad_compression: the gradient allreduce (see ``TrainStep``).
     """
 
     def __init__(self, cfg: ViTConfig, comm: Comm, batch_per_rank: int,
-                 dtype: str = "float32", micro_batch: int = MICRO_BATCH) -> None:
+                 dtype: str = "float32", micro_batch: int = MICRO_BATCH,
+                 bucket_mb: float = 0.0, grad_compression: str = "none") -> None:
         self.comm = comm
         self.model = VisionTransformer(cfg, np.dtype(dtype), seed=0)
         self.optimizer = AdamW(self.model.store, lr=LR)
         self.train_step = TrainStep(self.model, comm, self.optimizer, CrossEntropyLoss(),
                                     batch_size=batch_per_rank * comm.size, grad_clip=1.0,
-                                    seed=0, micro_batch=micro_batch)
+                                    seed=0, micro_batch=micro_batch, bucket_mb=bucket_mb,
+                                    grad_compression=grad_compression)
         rng = np.random.default_rng(comm.rank)
         shape = (batch_per_rank, cfg.in_chans, cfg.img_size, cfg.img_size)
         self.x = rng.random(shape).astype(dtype)
@@ -197,3 +200,53 @@ def layer_table(bench: StepBench, steps: int) -> list[dict[str, float | str]]:
             bench.step()
     return [{"layer": key, "ms_per_step": 1e3 * seconds / steps}
             for key, seconds in sorted(totals.items(), key=lambda kv: -kv[1])]
+
+
+def allreduce_ms(bench: StepBench, calls: int, warmup: int = 3) -> float:
+    """Median milliseconds (slowest rank) of summing ``bench``'s gradient buffer the way its
+    step does (one allreduce, or `GradSync`'s buckets started back to back), alone: no
+    backward to hide behind."""
+    step, times = bench.train_step, []
+    buf = step.store.grad_buffer
+    saved = buf.copy()
+    for i in range(warmup + calls):
+        buf[:] = saved  # the same values every call (compression's cost depends on them)
+        bench.comm.barrier()
+        start = time.perf_counter()
+        if step.sync is None:
+            bench.comm.allreduce_sum_(buf)
+        else:
+            step.sync.begin()
+            step.sync.finish()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    buf[:] = saved
+    if step.sync is not None:
+        step.sync.exposed_seconds = 0.0
+    return 1e3 * bench.comm.allreduce_max(statistics.median(times))
+
+
+def comm_table(cfg: ViTConfig, comm: Comm, batch_per_rank: int, settings: list[tuple[float, str]],
+               steps: int, warmup: int, repeats: int, micro_batch: int = MICRO_BATCH
+               ) -> list[dict[str, float | str | bool]]:
+    """Per (bucket MiB, compression): the allreduce alone (ms), the training step with it
+    (images/s, ms), the communication the step still waits for after backward (ms), and the
+    share of the allreduce hidden behind backward, 1 - exposed / alone (0 when not
+    overlapped)."""
+    rows = []
+    for bucket_mb, compression in settings:
+        bench = StepBench(cfg, comm, batch_per_rank, micro_batch=micro_batch,
+                          bucket_mb=bucket_mb, grad_compression=compression)
+        alone = allreduce_ms(bench, calls=max(10, steps))
+        times = bench.run(steps, warmup, repeats)
+        result = summarize(times, batch_per_rank * comm.size)
+        exposed = 1e3 * times.allreduce / (times.steps * len(times.repeats))
+        rows.append({
+            "bucket_mb": bucket_mb, "compression": compression,
+            "buckets": len(bench.train_step.sync.bounds) if bench.train_step.sync else 1,
+            "overlapped": bench.train_step.overlaps(batch_per_rank),
+            "allreduce_ms": alone, "exposed_ms": exposed,
+            "hidden_share": max(0.0, 1.0 - exposed / alone) if alone > 0 else 0.0,
+            "images_per_s": result["images_per_s"], "step_ms": result["step_ms"],
+        })
+    return rows

@@ -25,12 +25,14 @@ from pathlib import Path
 
 from dpvit.checkpoint import Checkpoint, find_resume_checkpoint, load_checkpoint
 from dpvit.cli import agree, run_main
-from dpvit.config import Config, load_config
-from dpvit.data import prepare_dataset
+from dpvit.config import Config, TrainConfig, load_config
+from dpvit.data import prepare_dataset, split_size
 from dpvit.errors import ConfigError, UserError
 from dpvit.parallel.comm import Comm
 from dpvit.parallel.launcher import launcher_rank
 from dpvit.training.guard import RunDirLock, StopSignals, check_same_setup
+from dpvit.training.schedule import Schedule
+from dpvit.training.tensorboard import require_tensorboardx
 from dpvit.training.trainer import Trainer
 from dpvit.vit import ViTConfig
 
@@ -77,7 +79,7 @@ def find_checkpoint(cfg: Config, run_dir: Path) -> Checkpoint | None:
             raise UserError(f"--resume must found no valid checkpoint in {run_dir}; check "
                             "--run-dir (--resume auto would start a new run there)")
         if path is None:
-            logger.info("--resume auto found no checkpoint in %s; starting a new run",
+            logger.warning("--resume auto found no checkpoint in %s; starting a new run",
                            run_dir)
             return None
     else:
@@ -140,21 +142,63 @@ def run(comm: Comm, argv: list[str] | None) -> int:
     # cannot train leaves no empty run directory behind.
     cfg, ckpt = resume_point(comm, cfg, explicit, run_dir)
     check_same_setup(comm, cfg)
+    init_weights = initial_weights(comm, cfg, ckpt)
     store_path = agree(comm, partial(prepare_dataset, cfg.train.dataset, cfg.train.data_dir,
                                      comm, store_dir=cfg.train.store_dir))
+    agree(comm, schedule_fits, cfg.train, store_path)
     with StopSignals() as stop, RunDirLock(comm, run_dir):
-        return train_in_claimed_dir(run_dir, comm, cfg, ckpt, stop, store_path)
+        return train_in_claimed_dir(run_dir, comm, cfg, ckpt, stop, store_path, init_weights)
+
+
+def schedule_fits(train: TrainConfig, store_path: Path) -> Schedule:
+    """The run's schedule; a ConfigError when the global batch exceeds the training images."""
+    images = split_size(store_path, "train")
+    return Schedule.for_run(train, images if train.train_subset is None
+                            else min(images, train.train_subset))
+
+
+def read_init_weights(cfg: Config, ckpt: Checkpoint | None) -> dict | None:
+    """Rank 0: the ``--init-from`` parameters (None when there are none, or when resuming:
+    the checkpoint's parameters win); checks the ``--tensorboard`` extra too.
+
+    Raises:
+        UserError: tensorboardX or safetensors missing, an unreadable file, or (ConfigError)
+            the first tensor that does not fit the model config.
+    """
+    if cfg.train.tensorboard:
+        require_tensorboardx()
+    path = cfg.train.init_from
+    if not path:
+        return None
+    if ckpt is not None:
+        logger.info("--init-from %s ignored: resuming %s", path, ckpt.path)
+        return None
+    from dpvit.interop.weights import load_init_weights
+
+    weights = load_init_weights(path, cfg.model, reset_head=cfg.train.reset_head)
+    logger.info("starting from the weights in %s%s (a fresh optimizer)", path,
+                ", with a new head" if cfg.train.reset_head else "")
+    return weights
+
+
+def initial_weights(comm: Comm, cfg: Config, ckpt: Checkpoint | None) -> dict | None:
+    """``read_init_weights`` on rank 0, agreed: a bad file is one line from rank 0 and every
+    rank exits 1, before the run directory is created. Rank 0 gets the weights (the Trainer
+    broadcasts them with the initial parameters), the other ranks None."""
+    return agree(comm, read_init_weights, cfg, ckpt, root_only=True)
 
 
 def train_in_claimed_dir(run_dir: Path, comm: Comm, cfg: Config, ckpt: Checkpoint | None,
-                         stop: StopSignals, store_path: Path) -> int:
+                         stop: StopSignals, store_path: Path,
+                         init_weights: dict | None = None) -> int:
     """Start or resume (``ckpt``, rank 0's) in the claimed ``run_dir`` with the dataset store
-    every rank prepared; train."""
+    every rank prepared (and rank 0's ``--init-from`` weights, if any); train."""
     if comm.is_root:
         (run_dir / "config.json").write_text(cfg.to_json() + "\n")
         logger.info("run directory %s; model %s", run_dir, _describe(cfg.model))
     comm.barrier()
-    trainer = Trainer(cfg, comm, run_dir, stop, store_path=store_path)
+    trainer = Trainer(cfg, comm, run_dir, stop, store_path=store_path,
+                      init_weights=init_weights)
     trainer.restore_everywhere(ckpt)
     start = time.perf_counter()
     report = trainer.fit()

@@ -8,6 +8,7 @@ Module and parameter names follow timm (``patch_embed.proj.weight``, ``cls_token
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -279,27 +280,54 @@ class VisionTransformer(Layer):
         self.cache = h.shape
         return self.head.forward(pooled, train)
 
-    def backward(self, dlogits: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+    def backward(self, dlogits: np.ndarray, input_grad: bool = True,
+                 on_ready: Callable[[int], None] | None = None) -> np.ndarray | None:
         """Backward through the whole model; accumulates every gradient, returns d(images).
 
         Training passes ``input_grad=False``: nothing needs d(images) there, and the patch
         embedding's first layer then skips its d(input) GEMM and, for a conv, its most
         expensive part, the col2im scatter (None is returned).
+
+        ``on_ready(offset)``, if given, is called after the head, the norm, each block, the
+        embeddings and the patch embedding with the lowest flat offset from which this
+        backward has added every gradient up to the end of the buffer (the buffer's layout
+        follows construction: the cls token and position embedding, the patch embedding,
+        the blocks, the norm, the head; backward runs mostly in reverse), so that a bucketed
+        allreduce may start on it (``dpvit.parallel.gradsync``).
         """
         B, T, D = self._take_cache()
+        done = _ReadyTracker(self, on_ready)
         dpooled = self.head.backward(dlogits)
+        done("head")
         dh = np.zeros((B, T, D), dtype=dpooled.dtype)
         if self.cfg.pool == "cls":
             dh[:, 0] = dpooled
         else:
             dh[:, 1:] = (dpooled / (T - 1))[:, None, :]
         dh = self.norm.backward(dh)
-        for block in reversed(self.blocks):
+        done("norm")
+        for i, block in reversed(list(enumerate(self.blocks))):
             dh = block.backward(dh)
+            done(f"blocks.{i}")
         if self.fixed_pos_embed is None:
             self.grads["pos_embed"] += dh.sum(axis=0, keepdims=True)
         self.grads["cls_token"] += dh[:, :1].sum(axis=0, keepdims=True)
-        return self.patch_embed.backward(dh[:, 1:], input_grad=input_grad)
+        done("cls_token", "pos_embed")
+        dx = self.patch_embed.backward(dh[:, 1:], input_grad=input_grad)
+        done("patch_embed")
+        return dx
+
+    def parts(self) -> list[tuple[int, str]]:
+        """(first flat offset, name) of each top-level part's parameters, in buffer order
+        (``cls_token``, ``pos_embed``, ``patch_embed``, ``blocks.i``, ``norm``, ``head``)."""
+        if getattr(self, "_parts", None) is None:
+            first: dict[str, int] = {}
+            for spec in self.store.specs:
+                pieces = spec.name.split(".")
+                first.setdefault(".".join(pieces[:2]) if pieces[0] == "blocks" else pieces[0],
+                                 spec.offset)
+            self._parts = sorted((offset, name) for name, offset in first.items())
+        return self._parts
 
     def predict_proba(self, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
         """Softmax probabilities in evaluation mode, in batches (no gradients kept)."""
@@ -307,6 +335,32 @@ class VisionTransformer(Layer):
         for start in range(0, len(x), batch_size):
             out.append(F.softmax_fwd(self.forward(x[start : start + batch_size], train=False)))
         return np.concatenate(out) if out else np.zeros((0, self.cfg.num_classes), self.dtype)
+
+
+class _ReadyTracker:
+    """Calls ``on_ready(offset)`` as backward completes parts: ``offset`` is where the run of
+    completed parts at the end of the buffer begins (backward order and buffer order differ
+    at the front: the embeddings come first in the buffer but finish before the patch
+    embedding)."""
+
+    def __init__(self, model: VisionTransformer, on_ready: Callable[[int], None] | None) -> None:
+        self.on_ready = on_ready
+        self.parts = model.parts() if on_ready is not None else []
+        self.done: set[str] = set()
+        self.reported = -1
+
+    def __call__(self, *names: str) -> None:
+        if self.on_ready is None:
+            return
+        self.done.update(names)
+        offset = None
+        for start, name in reversed(self.parts):
+            if name not in self.done:
+                break
+            offset = start
+        if offset is not None and offset != self.reported:
+            self.reported = offset
+            self.on_ready(offset)
 
 
 def expected_num_params(cfg: ViTConfig) -> int:

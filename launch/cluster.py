@@ -10,14 +10,15 @@ links, optionally shaped to a bandwidth with ``tc tbf``. Needs root and iproute2
     sudo launch/cluster.py run -- mpirun -n 4 -ppn 2 python -m dpvit.train --run-dir runs/c
     sudo launch/cluster.py down                        # removes everything up created
 
-``run`` starts the command in the root namespace with MPICH's Hydra pointed at the emulated
-hosts (environment, so that it works for an ``mpirun`` anywhere inside the command):
-HYDRA_LAUNCHER=ssh with ``launch/cluster-ssh`` as the "ssh" (it maps a host name to its
-namespace and runs the command there), the cluster's hostfile unless the command names its
-own (``-f``), and the bridge address as the launching host's address (``-localhost``) so
-that the proxies on the hosts can call back. It also selects MPICH's OFI/TCP netmod: the
-wheel's default, UCX, reaches other namespaces through shared memory, and no byte would
-cross the links. Variables already set in the environment win.
+``run`` runs the command here, in the root namespace, with MPICH's Hydra pointed at the
+hosts through the environment (so that it works for an ``mpirun`` anywhere inside the
+command): HYDRA_LAUNCHER=ssh with ``launch/cluster-ssh`` as the "ssh" (it maps a host name to
+its namespace and runs the command there, with a /etc/hosts in which the launching machine's
+name is the bridge address, so that the proxies can call back to mpirun), and the cluster's
+hostfile unless the command names its hosts (``-f``, ``-hosts``). It also selects MPICH's
+OFI/TCP netmod: with the wheel's default, UCX, ranks reach other namespaces through shared
+memory and no byte crosses the links. Variables already set in the environment win.
+docs/cluster.md has the details and numbers measured on it.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ MAX_HOSTS = 200
 STATE_DIR = Path(os.environ.get("DPVIT_CLUSTER_DIR", "/run/dpvit-cluster"))
 HERE = Path(__file__).resolve().parent
 SSH = HERE / "cluster-ssh"
+STATE_FILES = ("cluster.json", "hostfile", "hosts")
 PRIVATE_ENV = "DPVIT_CLUSTER_PRIVATE"  # run --private: directories each host has its own of
 
 #: Environment for MPI jobs across the hosts (setdefault: the caller's values win).
@@ -131,6 +133,8 @@ def shape(dev: str, rate: str | None, netns: str | None = None) -> None:
 def up(hosts: int, rate: str | None) -> None:
     if not 1 <= hosts <= MAX_HOSTS:
         raise SystemExit(f"cluster: --hosts must be 1..{MAX_HOSTS}")
+    if rate is not None and rate.lower() in ("unlimited", "none", "0"):
+        rate = None
     if rate is not None:
         rate_bits(rate)
     down(quiet=True)
@@ -171,6 +175,16 @@ def write_state(hosts: int, rate: str | None) -> None:
     (STATE_DIR / "hosts").write_text("\n".join(lines) + "\n")
 
 
+def remove_state() -> None:
+    """The files `up` and `run --private` made, then the directory if that left it empty
+    (never a tree: DPVIT_CLUSTER_DIR may name a directory that holds other things)."""
+    for name in STATE_FILES:
+        (STATE_DIR / name).unlink(missing_ok=True)
+    shutil.rmtree(STATE_DIR / "private", ignore_errors=True)
+    with contextlib.suppress(OSError):
+        STATE_DIR.rmdir()
+
+
 def stop_processes(ns: str) -> None:
     """Processes still inside a host (started through this cluster): TERM, then KILL."""
     for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0)):
@@ -195,7 +209,7 @@ def down(quiet: bool = False) -> None:
         sh("ip", "netns", "del", ns, check=False)
     if BRIDGE in our_links():
         sh("ip", "link", "del", BRIDGE, check=False)
-    shutil.rmtree(STATE_DIR, ignore_errors=True)
+    remove_state()
     left = our_namespaces() + our_links()
     if left:
         raise SystemExit(f"cluster: could not remove {', '.join(left)}")
@@ -217,10 +231,12 @@ def status() -> None:
     print(f"bridge {state['bridge']} {state['bridge_address']}/24, "
           f"rate {state['rate'] or 'unlimited'}")
     print(f"hostfile {STATE_DIR / 'hostfile'}, names {STATE_DIR / 'hosts'}")
-    print(f"{'host':<10} {'address':<14} {'link':<10} {'bytes in':>14} {'bytes out':>14}")
+    print(f"{'host':<10} {'address':<14} {'link':<10} {'bytes in':>14} {'bytes out':>14} "
+          f"{'processes':>9}")
     for name, addr, link in zip(state["hosts"], state["addresses"], state["links"], strict=True):
         rx, tx = link_bytes(link)
-        print(f"{name:<10} {addr:<14} {link:<10} {rx:>14} {tx:>14}")
+        procs = len(sh("ip", "netns", "pids", name, check=False).stdout.split())
+        print(f"{name:<10} {addr:<14} {link:<10} {rx:>14} {tx:>14} {procs:>9}")
 
 
 # -- run / ssh ---------------------------------------------------------------------------------
@@ -290,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
     p_up = sub.add_parser("up", help="create (or re-create) the hosts")
-    p_up.add_argument("--hosts", type=int, required=True)
-    p_up.add_argument("--rate", default=None, help="link bandwidth, e.g. 1gbit (default: none)")
+    p_up.add_argument("--hosts", type=int, required=True, help="how many hosts (1-200)")
+    p_up.add_argument("--rate", default=None,
+                      help="bandwidth of each link in each direction, a tc rate such as 100mbit "
+                      "or 1gbit (default: unlimited)")
     sub.add_parser("down", help="remove the hosts, links, bridge and state")
     sub.add_parser("status", help="hosts, addresses, rate and link byte counters")
     p_run = sub.add_parser("run", help="run a command (mpirun ...) across the hosts")

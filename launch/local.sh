@@ -5,8 +5,9 @@
 #   NP=4 launch/local.sh --epochs 1 --run-dir runs/try
 #
 # Each rank uses one thread when several share the host; dpvit decides this itself
-# (dpvit.dist.configure_threads), so nothing needs exporting here. Extra arguments go to
-# `python -m dpvit.train`.
+# (dpvit.parallel.threads.configure_threads), so nothing needs exporting here. Extra
+# arguments go to `python -m dpvit.train`. PYTHON names the interpreter (default: python on
+# PATH); the mpirun beside it is used, else the one on PATH.
 set -euo pipefail
 np="${NP:-$(nproc)}"
 python="${PYTHON:-python}"

@@ -259,3 +259,33 @@ def test_resume_skips_damaged_newest(tmp_path, caplog):
     _damage(tmp_path / "step-1.h5", "truncated")
     assert ck.find_resume_checkpoint(tmp_path) is None
     assert ck.find_resume_checkpoint(tmp_path / "absent") is None
+
+
+def _header_less(path: Path, ckpt: Checkpoint, monkeypatch) -> None:
+    """Write ``ckpt`` as dpvit did before the 512-byte header existed: the same HDF5 body,
+    starting at byte 0 (no user block), unsealed."""
+    from dpvit.checkpoint import format as fmt
+
+    with monkeypatch.context() as m:
+        m.setattr(fmt, "HEADER_BYTES", 0)  # h5py: no user block
+        m.setattr(fmt, "seal", lambda path: None)
+        ck.save_checkpoint(path, ckpt)
+    assert path.read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
+    with h5py.File(path, "r") as f:
+        assert f.userblock_size == 0
+
+
+def test_checkpoint_without_the_header_still_loads(tmp_path, monkeypatch):
+    """Older checkpoints have no header: they go straight to HDF5 and load as saved, found by
+    --resume auto like any other, their inner SHA-256 digest still checked."""
+    old = tmp_path / "step-7.h5"
+    _header_less(old, make_ckpt(), monkeypatch)
+    loaded = ck.load_checkpoint(old)
+    assert_same(make_ckpt(), loaded)
+    assert (loaded.step, loaded.epoch, loaded.world_size) == (7, 2, 4)
+    assert loaded.config == make_ckpt().config
+    assert ck.read_checkpoint_step(old) == 7 and ck.find_resume_checkpoint(tmp_path) == old
+    _damage(old, "rewritten_data")
+    with pytest.raises(CheckpointError, match="digest does not match"):
+        ck.load_checkpoint(old)
+    assert ck.find_resume_checkpoint(tmp_path) is None

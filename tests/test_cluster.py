@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -142,16 +143,17 @@ def test_only_rank_0_writes_files(cluster, tmp_path):
     With one file system every rank sees, a file does not tell which rank wrote it; so here
     each host gets its own copy of the directory holding the run (`run --private`, a bind
     mount on each host, like a node-local disk), and rank 0 runs on host 0, rank 1 on host 1
-    (one rank per host: with 1 + 3 ranks, dpvit 0.1 deadlocks; see docs/cluster.md). A file
-    or directory that rank 1 created, even one that rank 0 overwrote later, is left in host
-    1's copy, which must stay empty; the job must still succeed, since no rank but 0 needs
-    the run directory of a fresh run. Host 0's copy holds every output."""
+    (one rank per host). A file or directory that rank 1 created, even one that rank 0
+    overwrote later, is left in host 1's copy, which must stay empty; the job must still
+    succeed, since no rank but 0 needs the run directory of a fresh run. Host 0's copy holds
+    every output."""
     local = tmp_path / "local"
     run = local / "run"
     _on_cluster("-n", "2", "-ppn", "1", run_dir=run, private=local,
                 extra=("--max-steps", "4", "--checkpoint-every", "2", "--keep", "3"))
-    on_h0 = STATE / "private" / HOSTS[0] / local.relative_to("/")
-    on_h1 = STATE / "private" / HOSTS[1] / local.relative_to("/")
+    on_h0, on_h1 = (STATE / "private" / host / local.resolve().relative_to("/")
+                    for host in HOSTS)
+    assert on_h1.is_dir(), "host 1 ran without its own copy"
     written = sorted(str(p.relative_to(on_h0)) for p in on_h0.rglob("*"))
     for expected in ("run/.lock", "run/config.json", "run/metrics.jsonl",
                      "run/checkpoints/last.h5", "run/checkpoints/step-2.h5",
@@ -174,7 +176,8 @@ def test_resume_on_one_host_equals_the_uninterrupted_two_host_run(two_by_two, tm
                       extra=(*FLOAT64, "--max-steps", "12", "--resume", "auto"))
     assert "saved by 4 rank(s)" in out
     into_h1 = _link_bytes()[1][0] - before[1][0]
-    assert into_h1 < 3514 * 8, f"{into_h1} bytes went to host 1: not 1 host x 2 ranks"
+    gradient_bytes = sum(v.nbytes for v in load_params(run / "checkpoints" / "last.h5").values())
+    assert into_h1 < gradient_bytes, f"{into_h1} bytes went to host 1: not 1 host x 2 ranks"
     _assert_same_params(run / "checkpoints" / "last.h5", straight / "checkpoints" / "last.h5",
                         "resumed on 1 host x 2 ranks")
 
@@ -203,3 +206,58 @@ def test_the_hostfile_example_runs_as_documented(cluster, tmp_path):
     floor = 4 * sum(v.nbytes for v in params.values())  # 4 steps' gradients (float32)
     for host, a, b in zip(HOSTS, after, before, strict=True):
         assert a[0] - b[0] >= floor and a[1] - b[1] >= floor, f"{host}: too few bytes crossed"
+
+
+def test_hosts_with_different_numbers_of_ranks_train(cluster, tmp_path):
+    """1 rank on host 0 and 3 on host 1 (more ranks than this machine's 2 cores there): every
+    rank must wait for the gradient the same way, since MPI never matches a blocking
+    Allreduce with a nonblocking Iallreduce; a mismatch hangs in the first step, which the
+    collective deadline turns into a failure within seconds."""
+    run = tmp_path / "run"
+    _on_cluster("-hosts", f"{HOSTS[0]}:1,{HOSTS[1]}:3", "-n", "4", run_dir=run,
+                extra=("--max-steps", "3", "--collective-timeout", "20"), timeout=90)
+    assert (run / "checkpoints" / "last.h5").is_file()
+
+
+def _namespace_pids(host: str) -> list[int]:
+    out = subprocess.run(["ip", "netns", "pids", host], capture_output=True, text=True,
+                         timeout=10).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_a_host_that_loses_its_link_ends_the_job(cluster, tmp_path):
+    """Host 1's link goes down mid-run (2 hosts x 1 rank, --collective-timeout 4): within the
+    timeout + 15 s the job has ended with an error, rank 0's one line names rank 1 as silent,
+    and no process is left on either host; the launcher (mpirun, on the launching machine)
+    has returned too."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(CLUSTER), "run", "--", mpirun(), "-n", "2", "-ppn", "1",
+           sys.executable, "-m", "dpvit.train", *TINY_ARGS, "--train-subset", "60000",
+           "--log-every", "20", "--collective-timeout", "4", "--run-dir", str(run)]
+    env = {**os.environ, "DPVIT_DATA_DIR": str(real_data_dir())}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").stat().st_size:
+            assert proc.poll() is None, f"the job ended early: {proc.stdout.read()[-2000:]}"
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.1)
+        subprocess.run(["ip", "link", "set", LINKS[1], "down"], check=True, timeout=10)
+        cut = time.monotonic()
+        try:
+            out, _ = proc.communicate(timeout=4 + 15)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the job did not end within --collective-timeout + 15 s")
+        took = time.monotonic() - cut
+    finally:
+        subprocess.run(["ip", "link", "set", LINKS[1], "up"], check=False, timeout=10)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    errors = [line for line in out.splitlines() if "error: rank" in line]
+    assert proc.returncode != 0 and took < 4 + 15
+    assert any("[rank 0/2] error: rank 0 waited" in e and "rank(s) [1] did not answer" in e
+               for e in errors), out[-3000:]
+    time.sleep(1)
+    assert _namespace_pids(HOSTS[0]) == [] and _namespace_pids(HOSTS[1]) == [], "processes left"

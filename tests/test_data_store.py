@@ -177,6 +177,16 @@ def test_store_dir_chosen_by_the_user(tiny, tmp_path):
     assert cli_main(["fetch", "tiny", "--store-dir", str(chosen)]) == 0
 
 
+def test_unwritable_store_dir_is_one_clear_error(tiny, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(DataError) as info:
+        prepare_dataset("tiny", str(tiny["dir"]), store_dir=str(blocker / "stores"))
+    message = str(info.value)
+    assert "--store-dir" in message and "DPVIT_CACHE_DIR" in message and "\n" not in message
+    assert message.startswith(str(blocker / "stores" / "tiny.h5"))
+
+
 def test_store_never_creates_a_sibling_of_another_datasets_dir(tiny, monkeypatch, tmp_path):
     """DPVIT_DATA_DIR=.../mnist with another dataset whose files sit in a system directory:
     the store goes to the cache, not into a new directory beside the MNIST one, nor into an
@@ -386,3 +396,26 @@ def test_cli(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "--data-dir" in err
     assert not (tmp_path / "none").exists()
+
+
+def test_downloads_never_create_a_sibling_of_a_directory_dpvit_was_pointed_at(tmp_path,
+                                                                               monkeypatch):
+    """DPVIT_DATA_DIR=<ref>/mnist with fashion-mnist reads <ref>/fashion-mnist when it exists;
+    when it does not, the download goes to the cache and the reference tree gets nothing."""
+    ref = tmp_path / "ref"
+    (ref / "mnist").mkdir(parents=True)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DPVIT_CACHE_DIR", str(cache))
+    info = replace(store_mod.get_info("fashion-mnist"), system_dirs=())  # not the Debian copy
+    data_dir = store_mod.resolve_data_dir("fashion-mnist", str(ref / "mnist"))
+    assert data_dir == ref / "fashion-mnist"
+    targets = []
+
+    def fake_fetch(info, target, names, **kwargs):
+        targets.append(target)
+        return {name: target / name for name in names}
+
+    monkeypatch.setattr(store_mod, "fetch_missing", fake_fetch)
+    store_mod.locate_idx_files(info, data_dir, download=True)
+    assert targets == [cache / "fashion-mnist"]
+    assert sorted(p.name for p in ref.iterdir()) == ["mnist"]

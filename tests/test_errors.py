@@ -106,3 +106,20 @@ def test_flags_only_one_rank_was_given_still_end_every_rank(tmp_path):
     _one_line(result.stderr, "--epochs must be a positive integer, got 0 (on rank(s) [1] of 2)",
               2)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.mpi
+def test_a_batch_larger_than_the_training_set_is_one_line_and_no_run_directory(tmp_path):
+    """Found only once the data is known (after the flags were accepted): still one line from
+    rank 0, no abort, and no run directory left behind."""
+    run = tmp_path / "run"
+    result = run_dpvit("train", ["--train-subset", "10", "--batch-size", "64", "--run-dir",
+                                 str(run), "--dim", "16", "--depth", "1", "--heads", "2"],
+                       ranks=2, timeout=60)
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        "[rank 0/2] error: --batch-size 64 is larger than the 10 training images; lower "
+        "--batch-size"), result.stderr
+    assert not any(mark in result.stderr for mark in ABORT_MARKS), result.stderr
+    assert not run.exists()

@@ -1,4 +1,5 @@
-"""``python -m dpvit.evaluate`` agrees with the report training wrote, on 1 and 2 ranks."""
+"""``python -m dpvit.evaluate`` agrees with the report training wrote, on 1 and 2 ranks, for
+a float64 checkpoint, and on Fashion-MNIST end to end."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import run_dpvit, train
+from helpers import missing, run_dpvit, train
+
+from dpvit.checkpoint import load_checkpoint
+from dpvit.data import DATASETS
 
 SUBSET = ["--test-subset", "200"]  # what TINY_ARGS evaluates during training
 
@@ -78,3 +82,48 @@ def test_damaged_checkpoint_is_one_clear_error(run, tmp_path, ranks):
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and str(bad) in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_float64_checkpoint_evaluates_as_trained(tmp_path):
+    """A run trained with --dtype float64 saves float64 arrays; evaluate scores them (as every
+    checkpoint, in float32) and agrees with the float64 evaluation training reported."""
+    run = tmp_path / "run"
+    train(run, "--dtype", "float64", "--max-steps", "8")
+    ckpt = load_checkpoint(run / "checkpoints" / "last.h5")
+    assert {a.dtype.name for a in ckpt.params.values()} == {"float64"}
+    out = tmp_path / "eval"
+    _evaluate(["--checkpoint", str(run / "checkpoints" / "last.h5"), "--run-dir", str(out),
+               *SUBSET])
+    trained = json.loads((run / "report" / "report.json").read_text())
+    assert trained["num_samples"] == 200 and trained["step"] == 8
+    _same_report(trained, json.loads((out / "report" / "report.json").read_text()), 1)
+    _same_predictions(out / "report" / "predictions.csv", run / "report" / "predictions.csv")
+
+
+FASHION_DIR = Path(DATASETS["fashion-mnist"].system_dirs[0])
+
+
+def test_fashion_mnist_end_to_end(tmp_path):
+    """Train a few steps on Fashion-MNIST (its preset: conv stem, flips; the files from the
+    Debian package), then evaluate the checkpoint: its report names Fashion-MNIST's classes."""
+    if not FASHION_DIR.is_dir():
+        missing("Fashion-MNIST", "apt-get install dataset-fashion-mnist")
+    run = tmp_path / "run"
+    data_dir = tmp_path / "fashion-mnist"  # empty: the files come from the system directory
+    result = train(run, "--dataset", "fashion-mnist", "--data-dir", str(data_dir),
+                   "--patch-size", "4", "--max-steps", "3")
+    assert "fashion-mnist" in result.stderr
+    ckpt = load_checkpoint(run / "checkpoints" / "last.h5")
+    assert ckpt.step == 3 and ckpt.config["train"]["dataset"] == "fashion-mnist"
+    assert ckpt.config["model"]["patch_embed"] == "stem"  # the preset, under the flags
+    assert ckpt.config["train"]["aug_hflip"]
+    out = tmp_path / "eval"
+    _evaluate(["--checkpoint", str(run / "checkpoints" / "last.h5"), "--run-dir", str(out),
+               *SUBSET])
+    trained = json.loads((run / "report" / "report.json").read_text())
+    evaluated = json.loads((out / "report" / "report.json").read_text())
+    assert trained["dataset"] == evaluated["dataset"] == "fashion-mnist"
+    assert [c["name"] for c in evaluated["per_class"]] == list(
+        DATASETS["fashion-mnist"].class_names)
+    _same_report(trained, evaluated, 1)
+    _same_predictions(out / "report" / "predictions.csv", run / "report" / "predictions.csv")

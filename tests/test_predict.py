@@ -12,7 +12,7 @@ import pytest
 from helpers import missing, real_data_dir, run_dpvit, train
 
 from dpvit.data import load_split, prepare_dataset
-from dpvit.data.imageio import _to_gray, prepare_digit, read_images
+from dpvit.data.imageio import READABLE, _to_gray, prepare_digit, read_images
 from dpvit.errors import InputError
 
 #: A run sure enough of some test digits (about 3 s): 250 steps on 4000 images.
@@ -116,6 +116,9 @@ def test_bad_files_are_reported_one_by_one_and_the_rest_classified(trained, tmp_
     error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 4 and "Traceback" not in result.stderr
     assert "blank image" in error_lines[-1]
+    assert error_lines[1].endswith(f"{text}: not a file dpvit can read; expected {READABLE}")
+    assert "BytesIO" not in result.stderr and " at 0x" not in result.stderr
+    assert "threads per rank" not in result.stderr  # said by train and bench only
     plain = run_dpvit("predict", ["--checkpoint", str(ckpt), str(good), "--top-k", "3"])
     assert plain.returncode == 0 and plain.stdout.startswith(f"{good}: {predicted[3]} (")
 
@@ -135,6 +138,22 @@ def test_prepare_digit_fits_scales_and_centres_like_mnist():
     assert np.abs(out - digit).mean() < 12
     with pytest.raises(InputError, match="blank image"):
         prepare_digit(np.full((28, 28), 200.0))
+
+
+def test_a_file_that_is_no_image_is_named_with_the_formats_read(tmp_path):
+    need_pillow()
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    with pytest.raises(InputError) as caught:
+        read_images(text)
+    assert str(caught.value) == (f"{text}: not a file dpvit can read; expected PNG, JPEG or "
+                                 "another image format Pillow opens, a .npy array, or an idx "
+                                 "file (gzip-compressed or not)")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(InputError, match=r"broken\.png: a damaged image \(") as caught:
+        read_images(broken)
+    assert "BytesIO" not in str(caught.value)
 
 
 def test_without_pillow_png_is_a_clear_error(tmp_path, monkeypatch):

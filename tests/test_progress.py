@@ -22,6 +22,7 @@ import pytest
 from helpers import REPO, TINY_ARGS, mpirun, real_data_dir, run_dpvit
 
 from dpvit.config import load_config
+from dpvit.errors import ConfigError
 from dpvit.training import progress as progress_module
 from dpvit.training.progress import TrainingProgress, choose_mode, mpirun_terminal
 
@@ -64,7 +65,7 @@ def test_progress_flag_and_no_progress_alias():
     assert (cfg.train.progress, cfg.train.no_progress) == ("bar", False)
     cfg, _ = load_config(["--no-progress"])
     assert choose_mode(cfg.train.progress, cfg.train.no_progress, True, Terminal()) == "plain"
-    with pytest.raises(Exception, match="--progress"):
+    with pytest.raises(ConfigError, match="--progress"):
         load_config(["--progress", "fancy"])
 
 
@@ -121,6 +122,7 @@ def test_bar_shows_epoch_step_loss_lr_rate_and_eta():
         progress.close()
     frames = [FRAME.search(part) for part in out.getvalue().split("\r")]
     frames = [f.groups() for f in frames if f]
+    assert frames, out.getvalue()
     assert frames[-1][:4] == ("1", "30", "3", "10") and frames[-1][4] != "?"
     assert re.fullmatch(r"\d+:\d\d", frames[-1][5])
     assert "loss 0.5000" in out.getvalue() and "lr 1.00e-03" in out.getvalue()
@@ -164,6 +166,22 @@ def test_plain_line_has_percentage_and_an_eta_without_time_outside_training(monk
     assert line == ("epoch 1 step 400/7496 (5%): loss 0.4321, lr 3.90e-03, 612 images/s, "
                     "ETA 17:44")
     assert not CONTROL.search(line)
+
+
+def test_a_download_without_a_terminal_logs_a_line_per_quarter(monkeypatch, caplog):
+    from dpvit.data.download import _Progress
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    caplog.set_level(logging.INFO, logger="dpvit.data.download")
+    progress = _Progress("f.gz", total=10_000_000, done=0)
+    for _ in range(10):
+        progress.update(1_000_000)
+    progress.close()
+    assert caplog.messages == [f"f.gz: {p}% of 10.0 MB" for p in (30, 50, 80, 100)]
+    caplog.clear()
+    progress = _Progress("f.gz", total=10_000_000, done=6_000_000)  # a resumed download
+    progress.update(4_000_000)
+    assert caplog.messages == ["f.gz: 100% of 10.0 MB"]
 
 
 # --- real runs -------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ SKIP = (
     (r"launch/cluster\.py", "needs the emulated cluster, as root (tests marked cluster run it)"),
     (r"^\s*sbatch\b", "needs SLURM (tests marked slurm submit launch/slurm.sbatch)"),
     (r"\bmpirun\b.*\s-f\s", "needs the machines of a hostfile (tests marked cluster run one)"),
+    (r"^\s*tensorboard\s", "starts a web server (tests/test_tensorboard.py reads the logs)"),
 )
 
 SMALL_TRAIN = [*TINY_ARGS, "--patch-size", "4", "--test-subset", "100"]
@@ -43,6 +44,7 @@ SMALL = {
     "train": SMALL_TRAIN,
     "evaluate": ["--test-subset", "100"],
     "predict": [],
+    "export": ["--quiet"],
     "bench": ["--steps", "1", "--warmup", "0", "--repeats", "1", "--rounds", "1",
               "--batch-size", "8", "--dim", "16", "--depth", "1", "--heads", "2",
               "--mlp-ratio", "2", "--patch-size", "7"],

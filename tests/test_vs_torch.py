@@ -18,7 +18,7 @@ from dpvit.vit import VisionTransformer, ViTConfig
 try:
     import torch
 except ImportError:  # CI installs it: there the comparison fails instead of skipping
-    missing("PyTorch (the test reference)", "pip install torch==2.13.0")
+    missing("PyTorch (the test reference)", "pip install torch==2.14.1 torchvision==0.29.1 timm")
 F = torch.nn.functional
 
 

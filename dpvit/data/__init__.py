@@ -13,7 +13,7 @@ from dpvit.data.augment import Augmentation, augment, normalize
 from dpvit.data.idx import DATASETS, DataError, DatasetInfo
 from dpvit.data.loader import BatchIterator
 from dpvit.data.sampler import eval_shard, train_batches
-from dpvit.data.store import load_split, prepare_dataset, resolve_data_dir
+from dpvit.data.store import load_split, prepare_dataset, resolve_data_dir, split_size
 
 __all__ = [
     "DATASETS",
@@ -27,5 +27,6 @@ __all__ = [
     "normalize",
     "prepare_dataset",
     "resolve_data_dir",
+    "split_size",
     "train_batches",
 ]

@@ -224,7 +224,8 @@ def locate_idx_files(
     """Find each idx file in ``data_dir``, the system dirs or ``<cache>/<name>/``, else download.
 
     ``names`` (default: every file of ``info``) limits the search to some files. Downloads go
-    to ``data_dir`` when writable, else to ``<cache>/<name>/``.
+    to ``data_dir`` when it is dpvit's own or an existing writable directory, else to
+    ``<cache>/<name>/``.
 
     Raises:
         DataError: a file is missing and downloading is off or failed; the message names
@@ -243,7 +244,11 @@ def locate_idx_files(
         return found
     if not download:
         raise DataError(missing_files_message(info, data_dir, missing))
-    target = data_dir if _dir_is_writable(data_dir) else cache_dir() / info.name
+    # a directory the user pointed at receives downloads if it exists; dpvit creates only its
+    # own data/<name>/ (never, say, a sibling of a read-only reference copy)
+    own = is_own_data_dir(info.name, data_dir)
+    target = data_dir if _dir_is_writable(data_dir, create=own) and (own or data_dir.is_dir()) \
+        else cache_dir() / info.name
     logger.info("downloading %s into %s", ", ".join(missing), target)
     try:
         fetched = fetch_missing(info, target, names=missing, **download_kwargs)
@@ -325,17 +330,26 @@ def _prepare_here(name: str, data_dir: str | None, download: bool, store_dir: st
     created = [*_absent_dirs(ddir), *_absent_dirs(home), *_absent_dirs(cache_dir() / name)]
     new_lock = not lock.exists()
     try:
-        home.mkdir(parents=True, exist_ok=True)
-        with _file_lock(lock):
-            if _store_matches(store_path, info, splits):  # converted while we waited
-                return store_path, (f"{name} data: the store {store_path} another process "
-                                    f"just built ({describe_store(store_path)}; {checked})")
-            files = locate_idx_files(info, ddir, download, names=names, **kwargs)
-            logger.debug("converting %s idx files into %s", name, store_path)
-            convert(info, files, store_path, splits)
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+            with _file_lock(lock):
+                if _store_matches(store_path, info, splits):  # converted while we waited
+                    return store_path, (f"{name} data: the store {store_path} another "
+                                        f"process just built ({describe_store(store_path)}; "
+                                        f"{checked})")
+                files = locate_idx_files(info, ddir, download, names=names, **kwargs)
+                logger.debug("converting %s idx files into %s", name, store_path)
+                convert(info, files, store_path, splits)
+        except OSError as exc:  # the store's directory: not creatable, read-only, full
+            raise DataError(
+                f"{store_path}: expected to write the {name} store there but "
+                f"{exc.strerror or exc} ({exc.filename or home}); pass --store-dir DIR or set "
+                f"DPVIT_CACHE_DIR to a writable directory."
+            ) from None
     except DataError:
         if new_lock:  # leave nothing behind: the lock and the directories made for it
-            lock.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                lock.unlink(missing_ok=True)
         for directory in sorted(set(created), key=lambda p: len(p.parts), reverse=True):
             with contextlib.suppress(OSError):
                 directory.rmdir()  # only if empty
@@ -421,3 +435,12 @@ def load_split(store_path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
             f"{store_path}: expected a readable dpvit HDF5 store but reading failed ({exc})."
         ) from None
     return images, labels
+
+
+def split_size(store_path: Path, split: str) -> int:
+    """The number of samples in ``split`` of a store, without reading them."""
+    try:
+        with h5py.File(store_path, "r") as f:
+            return int(f[split]["labels"].shape[0])
+    except (KeyError, OSError) as exc:
+        raise DataError(f"{store_path}: expected a readable {split} split ({exc}).") from None

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from dpvit.errors import ConfigError
-from dpvit.vit import ViTConfig, VisionTransformer, sincos_pos_embed
+from dpvit.vit import VisionTransformer, ViTConfig, sincos_pos_embed
 
 #: What dpvit computes where timm has a choice (written into every exported file).
 GELU_APPROXIMATE = "tanh"

@@ -58,8 +58,7 @@ class Comm:
         local_rank: Index among the processes on this host.
         local_size: Number of processes on this host (they share its cores).
         oversubscribed: More processes on this host than cores this process may use; then
-            `allreduce_sum_` waits asleep, and `configure_threads` says one rank per core is
-            faster.
+            `allreduce_sum_` waits asleep, handing the core to a rank still computing.
         threads: Worker threads of this process, each running a model replica
             (`dpvit.parallel.replicas`); set by `configure_threads`.
     """
@@ -108,6 +107,38 @@ class Comm:
         """Replace `buf` in place with its elementwise sum over all ranks (C-contiguous)."""
         raise NotImplementedError
 
+    # -- nonblocking collectives (dpvit.parallel.gradsync) ------------------------------------
+    # Each starts a collective and returns a request for `test` and `wait_all`. Every rank
+    # must start the collectives of one channel in the same order; channel 0 is this
+    # communicator, further channels (`open_channel`) are duplicates of it, so that two
+    # streams of collectives (e.g. the two phases of a compressed allreduce) may interleave
+    # differently on different ranks.
+
+    def open_channel(self) -> int:
+        """A new channel for nonblocking collectives (collective: call on every rank)."""
+        return 0
+
+    def iallreduce_sum_(self, buf: np.ndarray, channel: int = 0) -> Any:
+        """Start an in-place sum of `buf` over all ranks."""
+        raise NotImplementedError
+
+    def ialltoall(self, send: np.ndarray, recv: np.ndarray, channel: int = 0) -> Any:
+        """Start an all-to-all: block r of `send` (split into `size` equal blocks along the
+        first axis) goes to rank r, and block r of `recv` receives rank r's block."""
+        raise NotImplementedError
+
+    def iallgather(self, send: np.ndarray, recv: np.ndarray, channel: int = 0) -> Any:
+        """Start an allgather: block r of `recv` receives rank r's `send`."""
+        raise NotImplementedError
+
+    def test(self, request: Any) -> bool:
+        """Whether a started collective has completed; also lets MPI progress all of them
+        (MPICH moves nonblocking collectives on only inside MPI calls)."""
+        return True
+
+    def wait_all(self, requests: list[Any], what: str) -> None:
+        """Complete every request (under the collective deadline, named `what`)."""
+
     def _allreduce_small(self, value: Any, op: str) -> Any:
         raise NotImplementedError
 
@@ -137,6 +168,11 @@ class Comm:
 
     def _gather_rows(self, row: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def allgather_array(self, row: np.ndarray) -> np.ndarray:
+        """Every rank's 1-D ``row`` (same size and dtype everywhere), stacked in rank order
+        into a (size, len(row)) array on every rank (buffer based)."""
+        return self._gather_rows(np.ascontiguousarray(row))
 
     def check_identical(self, buf: np.ndarray, what: str) -> None:
         """Check that `buf` is bitwise identical on every rank.
@@ -193,6 +229,18 @@ class LocalComm(Comm):
     def allreduce_sum_(self, buf: np.ndarray) -> None:
         """The sum over one rank is the buffer itself."""
 
+    def iallreduce_sum_(self, buf: np.ndarray, channel: int = 0) -> Any:
+        """Done at once: the sum over one rank is the buffer itself."""
+        return None
+
+    def ialltoall(self, send: np.ndarray, recv: np.ndarray, channel: int = 0) -> Any:
+        """Done at once: this rank's one block goes to itself."""
+        np.copyto(recv, send)
+
+    def iallgather(self, send: np.ndarray, recv: np.ndarray, channel: int = 0) -> Any:
+        """Done at once: this rank's block is the whole result."""
+        np.copyto(recv.reshape(send.shape), send)
+
     def _allreduce_small(self, value: Any, op: str) -> Any:
         return value.copy() if isinstance(value, np.ndarray) else value
 
@@ -234,6 +282,11 @@ class MPIComm(Comm):
         node.Free()
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
         self.oversubscribed = self.local_size > available_cores()
+        # MPI never matches a blocking collective with a nonblocking one, so every rank must
+        # wait for the gradient in the same way: asleep in Iallreduce as soon as any host has
+        # more ranks than cores (hosts may hold different numbers of ranks)
+        self._sleeping_allreduce = bool(self._comm.allreduce(self.oversubscribed, op=MPI.LOR))
+        self._channels = [self._comm]  # channel 0, then `open_channel`'s duplicates
         self._deadline = None
         if self.size > 1:
             self._deadline = CollectiveDeadline(
@@ -292,18 +345,59 @@ class MPIComm(Comm):
     def allreduce_sum_(self, buf: np.ndarray) -> None:
         """`Allreduce(IN_PLACE, buf, SUM)`: one call, no copy, never pickled.
 
-        With more ranks than cores on the host, a rank that has finished its share would spin
+        With more ranks than cores on a host, a rank that has finished its share would spin
         inside `Allreduce` on a core that a rank still computing needs; it waits in
         `Iallreduce` instead, asleep between tests, and hands the core over. MPICH sums in the
         same order either way (bit-identical results at 2 and 4 ranks).
         """
         _check_contiguous(buf)
         with self._waiting(f"an allreduce of {buf.size} values"):
-            if self.oversubscribed:
+            if self._sleeping_allreduce:
                 request = self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
                 _wait_asleep(request, OVERSUBSCRIBED_POLL_S)
             else:
                 self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+
+    def open_channel(self) -> int:
+        """A duplicate of this communicator for a second stream of nonblocking collectives."""
+        with self._waiting("creating a communication channel"):
+            self._channels.append(self._comm.Dup())
+        return len(self._channels) - 1
+
+    def iallreduce_sum_(self, buf: np.ndarray, channel: int = 0) -> Any:
+        """`Iallreduce(IN_PLACE, buf, SUM)` on ``channel``; the same sums as `Allreduce`."""
+        _check_contiguous(buf)
+        with self._waiting(f"starting an allreduce of {buf.size} values"):
+            return self._channels[channel].Iallreduce(self._MPI.IN_PLACE, buf,
+                                                      op=self._MPI.SUM)
+
+    def ialltoall(self, send: np.ndarray, recv: np.ndarray, channel: int = 0) -> Any:
+        """`Ialltoall` of equal blocks on ``channel``."""
+        _check_contiguous(recv)
+        with self._waiting(f"starting an all-to-all of {send.size} values"):
+            return self._channels[channel].Ialltoall(send, recv)
+
+    def iallgather(self, send: np.ndarray, recv: np.ndarray, channel: int = 0) -> Any:
+        """`Iallgather` on ``channel``."""
+        _check_contiguous(recv)
+        with self._waiting(f"starting an allgather of {send.size} values"):
+            return self._channels[channel].Iallgather(send, recv)
+
+    def test(self, request: Any) -> bool:
+        """`MPI_Test`: completed yet? (Progresses every pending collective.)"""
+        return request is None or bool(request.Test())
+
+    def wait_all(self, requests: list[Any], what: str) -> None:
+        """Complete ``requests`` in order: asleep between tests on a host with more ranks than
+        cores (as `allreduce_sum_`), else in `MPI_Wait`."""
+        with self._waiting(what):
+            for request in requests:
+                if request is None:
+                    continue
+                if self._sleeping_allreduce:
+                    _wait_asleep(request, OVERSUBSCRIBED_POLL_S)
+                else:
+                    request.Wait()
 
     def _allreduce_small(self, value: Any, op: str) -> Any:
         if isinstance(value, np.ndarray):

@@ -11,7 +11,9 @@ for the answers, and ends the process. The ranks that answer are alive (and say 
 collective they wait in); a rank that does not answer is stopped, hung outside Python's reach,
 or cut off. The lowest-numbered rank among those still waiting prints the one line; every
 waiting rank then exits with status 1, and the launcher (Hydra) kills whatever is left of the
-job on every host, stopped processes included.
+job on every host, stopped processes included. When a rank did not answer and mpirun runs on
+the reporting rank's host, mpirun is also interrupted a few seconds later, in case it is
+waiting for a host it cannot reach any more (`interrupt_mpirun_later`).
 
 The watchdog answers the other ranks' questions on every wake-up, so a rank that is alive but
 busy elsewhere (e.g. stuck writing to a file) still answers, and the line says where it is.
@@ -24,10 +26,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import subprocess
 import sys
 import threading
 import time
 from typing import Any
+
+from dpvit.parallel.launcher import local_mpirun_pid
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +45,10 @@ ANSWER_WAIT_S = 2.0
 #: Seconds a waiting rank that does not print lingers before it exits, so that the launcher
 #: forwards the printing rank's line before it tears the job down.
 LINGER_S = 1.0
+
+#: Seconds after the timeout line before a local mpirun that is still waiting is interrupted
+#: (`interrupt_mpirun_later`): time for Hydra's own clean-up of every host it can reach.
+MPIRUN_GRACE_S = 3.0
 
 _ASK, _ANSWER = 31, 32  # message tags on the watchdog's own communicator
 
@@ -138,12 +147,34 @@ class CollectiveDeadline:
                            for r, (_, pending, _) in answers.items()):
             time.sleep(LINGER_S)  # a lower rank that waits too prints the line
             os._exit(1)
+        size = self._side.Get_size()
         logger.error("%s; stopping the job", timeout_message(
-            self.rank, self._side.Get_size(), what, self.context, waited, self.timeout, answers))
+            self.rank, size, what, self.context, waited, self.timeout, answers))
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()
+        if answers is None or len(answers) < size - 1:
+            interrupt_mpirun_later()
         os._exit(1)
+
+
+def interrupt_mpirun_later(delay_s: float = MPIRUN_GRACE_S) -> None:
+    """If Hydra's mpirun runs on this host, send it SIGINT (as Ctrl-C would) ``delay_s`` from
+    now, from a detached shell that outlives this process.
+
+    When a rank exits with an error, mpirun ends the job: it kills the ranks on every host
+    through their proxies and returns. A host whose network is gone never answers, and
+    mpirun waits for that proxy's connection forever (TCP cannot tell a silent peer from a
+    slow one); an interrupt makes it give up at once. A job that ends normally is gone before
+    the delay, and the signal finds nobody.
+    """
+    mpirun = local_mpirun_pid()
+    if mpirun is None:
+        return
+    with contextlib.suppress(OSError):
+        subprocess.Popen(["sh", "-c", f"sleep {delay_s:g}; kill -INT {mpirun} 2>/dev/null"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def timeout_message(rank: int, size: int, what: str, context: str, waited: float,

@@ -42,3 +42,34 @@ def find_mpirun() -> str:
     return str(beside) if beside.exists() else "mpirun"
 
 
+#: What ``/proc/<pid>/stat`` names Hydra's proxy and its launcher (15 characters at most).
+_PROXY = "hydra_pmi_proxy"
+_LAUNCHERS = ("mpirun", "mpiexec", "mpiexec.hydra")
+
+
+def _parent_and_name(pid: int, proc: Path) -> tuple[int, str]:
+    text = (proc / str(pid) / "stat").read_text()
+    name = text[text.index("(") + 1 : text.rindex(")")]
+    return int(text[text.rindex(")") + 2 :].split()[1]), name
+
+
+def local_mpirun_pid(proc: Path = Path("/proc")) -> int | None:
+    """The pid of Hydra's ``mpirun`` when this process is a rank started by Hydra's proxy and
+    that ``mpirun`` runs on this machine (rank -> ``hydra_pmi_proxy`` -> ``mpirun``, with at
+    most a few launcher shells between the proxy and ``mpirun``); None otherwise (no
+    launcher, another launcher, a rank on another machine, or no /proc)."""
+    try:
+        pid, name = _parent_and_name(os.getpid(), proc)
+        _, proxy_name = _parent_and_name(pid, proc)
+        if proxy_name != _PROXY:
+            return None
+        for _ in range(4):  # the proxy, then the shells a launcher such as ssh may add
+            pid, _ = _parent_and_name(pid, proc)
+            if pid <= 1:
+                return None
+            _, name = _parent_and_name(pid, proc)
+            if name in _LAUNCHERS:
+                return pid
+    except (OSError, ValueError, IndexError):  # not Linux, another user's mpirun, a race
+        return None
+    return None

@@ -60,7 +60,7 @@ table.meta th { color: #666; font-weight: normal; white-space: nowrap; }
 nav.toc { position: sticky; top: 0; background: #fff; border-bottom: 1px solid #ddd;
           padding: 0.35em 0; margin: 0.6em 0 0; font-size: 0.9em; z-index: 1; }
 nav.toc a { margin-right: 1.1em; color: #1a5fb4; text-decoration: none; }
-.row { display: block; gap: 1.5em; align-items: flex-start; }
+.row { display: flex; gap: 1.5em; align-items: flex-start; }
 .row > section { flex: 0 1 auto; min-width: 0; }
 @media (max-width: 900px) { .row, header { flex-wrap: wrap; } }
 img { max-width: 100%; display: block; margin: 0.3em 0; }

@@ -115,3 +115,78 @@ def confusion_figure(cm: np.ndarray, class_names: list[str]) -> Figure:
 
 def confusion(cm: np.ndarray, class_names: list[str]) -> bytes:
     return _png(confusion_figure(cm, class_names))
+
+
+#: Colours of the timeline's span categories (``dpvit.training.timeline.CATEGORIES``).
+TIMELINE_COLOURS = {"data": "0.55", "compute": "#c6dbef", "forward": "C0", "backward": "C1",
+                    "comm": "C3", "optimizer": "C2", "evaluation": "C4", "checkpoint": "C5",
+                    "report": "C6", "other": "C8"}
+
+
+def timeline_figure(trace: dict[str, Any], steps: int | None = None,
+                    title: str | None = None) -> Figure:
+    """A ``--timeline`` trace (Chrome trace JSON) as horizontal bars: one row per rank and
+    track, time in ms from the first recorded step; each step a grey band labelled with its
+    number; nested spans (blocks inside forward/backward) drawn thinner on top of their
+    parents. ``steps`` keeps the first N recorded steps (rank 0's) and what overlaps them.
+    Spans shorter than 0.2% of the axis are widened to it, so that a 5 us allreduce shows."""
+    spans = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    names = {(e["pid"], e["tid"]): e["args"]["name"] for e in trace["traceEvents"]
+             if e.get("ph") == "M" and e["name"] == "thread_name"}
+    step_spans = sorted((e for e in spans if e.get("cat") == "step" and e["pid"] == 0),
+                        key=lambda e: e["ts"])
+    start = min((e["ts"] for e in spans), default=0.0)
+    stop = max((e["ts"] + e["dur"] for e in spans), default=1.0)
+    if step_spans:
+        start = step_spans[0]["ts"]
+        if steps is not None:
+            last = step_spans[: max(steps, 1)][-1]
+            stop = last["ts"] + last["dur"]
+    spans = [e for e in spans if e["ts"] < stop and e["ts"] + e["dur"] > start]
+    rows = sorted({(e["pid"], e["tid"]) for e in spans})
+    fig, ax = plt.subplots(figsize=(10, 0.55 * len(rows) + 1.4))
+    scale = 1e-3  # us -> ms
+    width = (stop - start) * scale
+    least = 0.002 * width
+    seen: dict[str, Any] = {}
+    for y, row in enumerate(rows):
+        mine = sorted((e for e in spans if (e["pid"], e["tid"]) == row),
+                      key=lambda e: (e["ts"], -e["dur"]))
+        open_ends: list[float] = []
+        for e in mine:
+            while open_ends and open_ends[-1] <= e["ts"]:
+                open_ends.pop()
+            depth = len(open_ends)
+            open_ends.append(e["ts"] + e["dur"])
+            x0, w = (e["ts"] - start) * scale, e["dur"] * scale
+            if e.get("cat") == "step":
+                ax.barh(y, w, left=x0, height=0.9, color="0.93", edgecolor="0.6", lw=0.6,
+                        zorder=0)
+                if row[0] == 0 and row == rows[0]:
+                    ax.text(x0 + w / 2, y - 0.5, e["name"], ha="center", va="bottom",
+                            fontsize=7, color="0.3")
+                continue
+            category = e.get("cat", "other")
+            colour = TIMELINE_COLOURS.get(category, TIMELINE_COLOURS["other"])
+            bar = ax.barh(y, max(w, least), left=x0, height=max(0.75 - 0.2 * depth, 0.25),
+                          color=colour, edgecolor="white" if depth else "none", lw=0.3,
+                          zorder=1 + depth)
+            seen.setdefault(category, bar)
+    ax.set_yticks(range(len(rows)), [f"rank {pid} {names.get((pid, tid), tid)}"
+                                     for pid, tid in rows])
+    ax.set_ylim(len(rows) - 0.4, -0.7)
+    ax.set_xlim(0, width)
+    ax.set_xlabel("ms (each rank's clock, zeroed at a common barrier)")
+    ax.grid(axis="x", alpha=0.3)
+    order = [c for c in TIMELINE_COLOURS if c in seen]
+    ax.legend([seen[c] for c in order], order, fontsize=7, ncol=min(len(order), 9),
+              loc="upper center", bbox_to_anchor=(0.5, -0.28 if len(rows) > 2 else -0.4),
+              frameon=False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def timeline(trace: dict[str, Any], steps: int | None = None, title: str | None = None) -> bytes:
+    return _png(timeline_figure(trace, steps, title))

@@ -40,19 +40,10 @@ from typing import Any, TextIO
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from dpvit.parallel.launcher import local_mpirun_pid
+
 #: The values of ``--progress``.
 MODES = ("auto", "bar", "plain", "none")
-
-#: What ``/proc/<pid>/stat`` names Hydra's proxy and its launcher (15 characters at most).
-_PROXY = "hydra_pmi_proxy"
-_LAUNCHERS = ("mpirun", "mpiexec", "mpiexec.hydra")
-
-
-def _parent_and_name(pid: int, proc: Path) -> tuple[int, str]:
-    text = (proc / str(pid) / "stat").read_text()
-    name = text[text.index("(") + 1 : text.rindex(")")]
-    return int(text[text.rindex(")") + 2 :].split()[1]), name
-
 
 def _is_pipe(stream: TextIO) -> bool:
     try:
@@ -69,15 +60,12 @@ def mpirun_terminal(stream: TextIO | None = None, proc: Path = Path("/proc")) ->
     stream = sys.stderr if stream is None else stream
     if not _is_pipe(stream):
         return None
-    return None
+    launcher = local_mpirun_pid(proc)
+    if launcher is None:
+        return None
     try:
-        proxy, _ = _parent_and_name(os.getpid(), proc)
-        launcher, proxy_name = _parent_and_name(proxy, proc)
-        _, launcher_name = _parent_and_name(launcher, proc)
-        if proxy_name != _PROXY or launcher_name not in _LAUNCHERS:
-            return None
         fd = os.open(proc / str(launcher) / "fd" / "2", os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
-    except (OSError, ValueError, IndexError):  # not Linux, another user's mpirun, a race
+    except OSError:  # another user's mpirun, or it just ended
         return None
     if os.isatty(fd):
         return fd

@@ -31,6 +31,7 @@ from dpvit.nn.losses import CrossEntropyLoss
 from dpvit.optim import build_optimizer
 from dpvit.parallel.comm import Comm
 from dpvit.report import ReportContext, write_report
+from dpvit.training import timeline
 from dpvit.training.debug import gradient_spot_check, watch_non_finite
 from dpvit.training.guard import StopSignals, preempted
 from dpvit.training.metrics_log import MetricsLog
@@ -38,9 +39,14 @@ from dpvit.training.nonfinite import NonFiniteSteps, check_finite
 from dpvit.training.progress import TrainingProgress, choose_mode
 from dpvit.training.schedule import Schedule
 from dpvit.training.step import TrainStep
+from dpvit.training.tensorboard import TensorBoardLog
 from dpvit.vit import VisionTransformer
 
 logger = logging.getLogger(__name__)
+
+#: Optimizer-state name prefix of a rank's error-feedback residual in checkpoints
+#: (``/optimizer/grad_residual_rank0/...``, laid out like the parameters, float32).
+RESIDUAL_PREFIX = "grad_residual_rank"
 
 
 @dataclass
@@ -66,15 +72,23 @@ class Trainer:
         store_path: the dataset's store, already prepared on every rank (``prepare_dataset``;
             ``python -m dpvit.train`` prepares it before creating the run directory);
             prepared here when None.
+        init_weights: rank 0's starting parameters by name (``--init-from``, read and
+            shape-checked by ``dpvit.interop.weights.load_init_weights``), copied over the
+            initialisation and broadcast; the optimizer starts fresh. None elsewhere.
     """
 
     def __init__(self, cfg: Config, comm: Comm, run_dir: Path,
-                 stop: StopSignals | None = None, store_path: Path | None = None) -> None:
+                 stop: StopSignals | None = None, store_path: Path | None = None,
+                 init_weights: dict[str, np.ndarray] | None = None) -> None:
         self.cfg, self.comm, self.run_dir, self.stop = cfg, comm, run_dir, stop
         t = cfg.train
         self.dtype = np.dtype(t.dtype)
         self.model = VisionTransformer(cfg.model, self.dtype, seed=t.seed)
         self.store = self.model.store
+        if init_weights is not None:  # sync_parameters below spreads rank 0's to every rank
+            views = self.store.named_params()
+            for name, value in init_weights.items():
+                views[name][...] = value
         self.optimizer = build_optimizer(
             t.optimizer, self.store, t.lr, t.weight_decay, momentum=t.momentum,
             nesterov=t.nesterov, betas=(t.beta1, t.beta2))
@@ -82,8 +96,15 @@ class Trainer:
         # the step, also what `python -m dpvit.bench` times; it builds the replicas
         self.parallel_step = TrainStep(self.model, comm, self.optimizer, self.loss_fn,
                                        batch_size=t.batch_size, grad_clip=t.grad_clip,
-                                       seed=t.seed)
+                                       seed=t.seed, bucket_mb=t.bucket_mb,
+                                       grad_compression=t.grad_compression,
+                                       on_span=timeline.comm_span if t.timeline else None)
+        self.sync = self.parallel_step.sync  # None: one blocking allreduce per step
+        self._saved_residuals: np.ndarray | None = None  # rank 0, from `restore`
         self.replicas = self.parallel_step.replicas
+        # --timeline: this rank's spans of a few steps (None: nothing records, nothing costs)
+        self.timeline = (timeline.Timeline(t.timeline, t.timeline_steps, comm.rank,
+                                           self.replicas.models) if t.timeline else None)
         if t.debug:
             for model in self.replicas.models:
                 watch_non_finite(model)
@@ -96,6 +117,7 @@ class Trainer:
         self.state = RunState()
         self.stop_signal = 0  # the signal the ranks agreed on in the last step (0: none)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl", comm.is_root)
+        self.tensorboard = TensorBoardLog(t.tensorboard, comm.is_root)  # --tensorboard
         self.bad_steps = NonFiniteSteps(t.max_bad_steps, self.metrics.append)
         self.sync_parameters("initial parameters")
 
@@ -108,9 +130,15 @@ class Trainer:
             self.comm.broadcast_(buf)
         self.comm.check_identical(self.store.flat_params, what)
 
-    def checkpoint(self) -> Checkpoint:
-        """Everything needed to continue exactly (nothing in it depends on the rank count)."""
+    def checkpoint(self, residuals: np.ndarray | None = None) -> Checkpoint:
+        """Everything needed to continue exactly (nothing in it depends on the rank count,
+        except the error-feedback residuals of compressed gradients, one per rank:
+        ``residuals`` from `GradSync.gather_residuals`, stored like optimizer state as
+        ``grad_residual_rank<r>``)."""
         buffers, scalars = self.optimizer.state_dict()
+        if residuals is not None:
+            buffers = {**buffers, **{f"{RESIDUAL_PREFIX}{r}": row
+                                     for r, row in enumerate(residuals)}}
         return Checkpoint(
             params={n: v.copy() for n, v in self.store.named_params().items()},
             optimizer={k: self.store.named_views(v) for k, v in buffers.items()},
@@ -126,12 +154,20 @@ class Trainer:
     def restore(self, ckpt: Checkpoint) -> None:
         """Load a checkpoint's state (on rank 0; ``sync_parameters`` then spreads it)."""
         restore_arrays(ckpt, "params", ckpt.params, self.store.named_params())
-        buffers = {}
+        buffers, residuals = {}, {}
         for state, arrays in ckpt.optimizer.items():
+            if state.startswith(RESIDUAL_PREFIX):  # compressed gradients' error feedback
+                rank = int(state.removeprefix(RESIDUAL_PREFIX))
+                residuals[rank] = np.zeros(self.store.numel, dtype=np.float32)
+                restore_arrays(ckpt, f"optimizer/{state}", arrays,
+                               self.store.named_views(residuals[rank]))
+                continue
             buffers[state] = np.zeros_like(self.store.flat_params)
             restore_arrays(ckpt, f"optimizer/{state}", arrays,
                            self.store.named_views(buffers[state]))
         self.optimizer.load_state_dict(buffers, ckpt.optimizer_scalars)
+        self._saved_residuals = (np.stack([residuals[r] for r in sorted(residuals)])
+                                 if residuals else None)
         self.state = RunState(
             step=ckpt.step, epoch=ckpt.epoch, step_in_epoch=ckpt.step_in_epoch,
             best_accuracy=next((m["best_accuracy"] for m in ckpt.metrics
@@ -145,6 +181,28 @@ class Trainer:
         self.state, self.optimizer.steps = self.comm.broadcast_object(
             (self.state, self.optimizer.steps))
         self.sync_parameters(f"parameters resumed at step {self.state.step}")
+        self.restore_residuals()
+
+    def restore_residuals(self) -> None:
+        """Give every rank its error-feedback residual from rank 0's checkpoint (zero from an
+        uncompressed one; dropped when this run does not compress)."""
+        saved = self._saved_residuals
+        ranks = self.comm.broadcast_object(0 if saved is None else len(saved))
+        if self.sync is None or self.sync.residual is None:
+            if ranks:
+                logger.info("the checkpoint's error-feedback residuals are not used: "
+                            "--grad-compression none")
+            return
+        if not ranks:
+            self.sync.load_residuals(None)
+            return
+        table = saved if saved is not None else np.zeros((ranks, self.store.numel), np.float32)
+        self.comm.broadcast_(table)
+        self.sync.load_residuals(table)
+        if ranks != self.comm.size:
+            logger.info("error-feedback residuals of %d rank(s) folded onto %d", ranks,
+                        self.comm.size)
+        self._saved_residuals = None
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -199,13 +257,17 @@ class Trainer:
 
     def save(self, is_best: bool) -> None:
         """Check the whole state is finite, then rank 0 writes step-N.h5 (and last/best.h5)."""
+        saving = timeline.begin("checkpoint", step=self.state.step)
+        residuals = self.sync.gather_residuals() if self.sync is not None else None
         check_finite({"parameters": self.store.flat_params,
-                      **{f"optimizer {k}": v for k, v in self.optimizer.state.items()}},
+                      **{f"optimizer {k}": v for k, v in self.optimizer.state.items()},
+                      **({} if residuals is None else {"error-feedback residuals": residuals})},
                      self.state.step)
         if self.comm.is_root:
-            path = save_rolling(self.run_dir / "checkpoints", self.checkpoint(),
+            path = save_rolling(self.run_dir / "checkpoints", self.checkpoint(residuals),
                                 self.cfg.train.keep, is_best)
             logger.info("saved checkpoint %s", path)
+        timeline.end(saving)
 
     def end_of_epoch(self, epoch_done: bool) -> dict[str, Any]:
         """Evaluate, report, checkpoint; advance to the next epoch if this one is done."""
@@ -214,17 +276,22 @@ class Trainer:
         if epoch_done:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
         self.comm.set_context(f"the evaluation after step {state.step}")
-        evaluation = self.evaluate()  # reports the epochs completed, as the checkpoint does
+        with timeline.span("evaluation", step=state.step):
+            evaluation = self.evaluate()  # reports the epochs completed, as the checkpoint does
         report = evaluation.report
         record = {"kind": "epoch", "epoch": state.epoch, "step": state.step,
                   "test_loss": report["loss"], "test_accuracy": report["accuracy"],
                   "macro_f1": report["macro_f1"], "time": time.time()}
         state.history.append(record)
         self.metrics.append(record)
+        self.tensorboard.record(record)
         is_best = report["accuracy"] > state.best_accuracy
         state.best_accuracy = max(state.best_accuracy, report["accuracy"])
         if self.comm.is_root:
-            write_report(report, self.run_dir / "report", self.report_context(evaluation))
+            with timeline.span("report", step=state.step):
+                write_report(report, self.run_dir / "report", self.report_context(evaluation))
+            self.tensorboard.confusion(np.array(report["confusion_matrix"]), state.step,
+                                       self.run_dir / "report")
         logger.info("epoch %d step %d: test loss %.4f, test accuracy %.2f%%, macro F1 %.4f",
                     state.epoch, state.step, report["loss"], 100 * report["accuracy"],
                     report["macro_f1"])
@@ -252,6 +319,7 @@ class Trainer:
             stats.update(kind="step", step=state.step, epoch=state.epoch,
                          images_per_s=meter.rate_and_restart())
             self.metrics.append(stats)
+            self.tensorboard.record(stats)
             logger.log(logging.INFO if progress.plain else logging.DEBUG, "%s",
                        progress.line(state.step, state.epoch + 1, stats["loss"], stats["lr"],
                                      stats["images_per_s"]))
@@ -278,9 +346,13 @@ class Trainer:
         # rank 0: a bar when a terminal shows it, else plain per-step lines (--progress)
         progress = TrainingProgress(choose_mode(t.progress, t.no_progress, self.comm.is_root),
                                     schedule.total_steps, state.step, t.batch_size)
+        if self.timeline is not None:  # a barrier: every rank's clock zero
+            self.timeline.start(self.comm, state.step, schedule.total_steps)
         try:
             while state.step < schedule.total_steps:
                 batches, loader = self.epoch_batches()
+                if self.timeline is not None:  # the data wait and each step; opens the window
+                    loader = self.timeline.batches(loader, state.step, self.comm)
                 for indices, (x, y) in zip(batches, loader, strict=True):
                     if t.debug and state.step == 0:
                         self.check_gradients(indices, x, y)
@@ -292,8 +364,13 @@ class Trainer:
                 if epoch_done or state.step == schedule.total_steps:
                     report = self.end_of_epoch(epoch_done)
                     progress.resume()
+            if self.timeline is not None:  # every rank finished the loop: gather, write
+                self.timeline.finish(self.comm)
         finally:
             progress.close()
+            self.tensorboard.close()
+            if self.timeline is not None:  # stops recording after an error too
+                self.timeline.close()
         return report
 
 
