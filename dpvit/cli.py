@@ -27,7 +27,14 @@ T = TypeVar("T")
 
 
 class CliParser(argparse.ArgumentParser):
-    """argparse that raises ConfigError (one clear line) instead of printing usage and exiting."""
+    """argparse that raises ConfigError (one clear line) instead of printing usage and exiting.
+
+    Abbreviated flags are refused: ``--resum auto`` must not pass for ``--resume auto``.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise ConfigError(f"{message} (see --help)")

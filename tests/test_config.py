@@ -108,3 +108,9 @@ def test_impossible_settings(argv, message):
         load_config(argv)
     assert message in str(caught.value)
     assert "_" not in str(caught.value)  # no field names such as batch_size
+
+
+def test_abbreviated_flags_are_refused():
+    """argparse would read --resum as --resume; a typo must be an error, not a guess."""
+    with pytest.raises(ConfigError, match="unrecognized arguments: --resum"):
+        load_config(["--resum", "auto", "--run-dir", "x"])

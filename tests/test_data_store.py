@@ -121,7 +121,10 @@ def test_damaged_or_stale_store_rebuilt(tiny, content):
 
 
 def test_read_only_data_dir_uses_cache(tiny, monkeypatch, tmp_path):
-    monkeypatch.setattr(store_mod, "_dir_is_writable", lambda p, create=True: False)
+    from dpvit.data import location
+
+    for module in (store_mod, location):
+        monkeypatch.setattr(module, "_dir_is_writable", lambda p, create=True: False)
     path = prepare_dataset("tiny", str(tiny["dir"]))
     assert path == tmp_path / "cache" / "tiny.h5"
     assert not (tiny["dir"] / "tiny.h5").exists()

@@ -88,6 +88,16 @@ def _finish(proc: subprocess.Popen, limit: float) -> tuple[float, str]:
     return time.monotonic() - start, stderr
 
 
+def _the_one_error(proc: subprocess.Popen, stderr: str, pids: dict[int, int]) -> str:
+    """The job failed with exactly one error line (returned), and none of its ranks is left."""
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert proc.returncode != 0
+    assert len(errors) == 1, stderr[-3000:]
+    time.sleep(0.5)
+    assert not [pid for pid in pids.values() if _alive(pid)], "rank processes left"
+    return errors[0]
+
+
 @pytest.mark.mpi
 def test_a_stopped_rank_ends_the_job_with_one_line_naming_it(tmp_path):
     """SIGSTOP on rank 1 of 3: ranks 0 and 2 wait in the gradient allreduce, and after the
@@ -104,15 +114,11 @@ def test_a_stopped_rank_ends_the_job_with_one_line_naming_it(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    errors = [line for line in stderr.splitlines() if "error:" in line]
-    assert proc.returncode != 0
-    assert len(errors) == 1, stderr[-3000:]
-    assert "[rank 0/3] error: rank 0 waited" in errors[0]
-    assert "rank(s) [1] did not answer" in errors[0] and "during step" in errors[0]
-    assert "rank(s) [2] were waiting too" in errors[0]
+    error = _the_one_error(proc, stderr, pids)
+    assert "[rank 0/3] error: rank 0 waited" in error
+    assert "rank(s) [1] did not answer" in error and "during step" in error
+    assert "rank(s) [2] were waiting too" in error
     assert elapsed < 3 + 15
-    time.sleep(0.5)
-    assert not [pid for pid in pids.values() if _alive(pid)]
 
 
 @pytest.mark.mpi
@@ -129,13 +135,9 @@ def test_a_rank_stuck_in_io_is_named_as_busy(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    errors = [line for line in stderr.splitlines() if "error:" in line]
-    assert proc.returncode != 0
-    assert len(errors) == 1, stderr[-3000:]
-    assert "[rank 1/2] error: rank 1 waited" in errors[0]
-    assert "still busy outside collectives: rank 0 in step" in errors[0]
-    time.sleep(0.5)
-    assert not [pid for pid in pids.values() if _alive(pid)]
+    error = _the_one_error(proc, stderr, pids)
+    assert "[rank 1/2] error: rank 1 waited" in error
+    assert "still busy outside collectives: rank 0 in step" in error
 
 
 def test_the_message_sorts_ranks_into_silent_busy_and_waiting():

@@ -225,3 +225,18 @@ def test_compressed_resume_is_bitwise_identical(tmp_path):
     assert load_checkpoint(split / "checkpoints" / "last.h5").step == 14
     assert not any(s.startswith("grad_residual")
                    for s in load_checkpoint(split / "checkpoints" / "last.h5").optimizer)
+
+
+def test_residuals_of_another_world_size_fold_onto_this_one():
+    """4 ranks' residuals resumed on 2: rank 1 takes old ranks 1 and 3 (the sum over ranks,
+    which error feedback delays, is kept); the same world size gets its own row back."""
+    comm = LocalComm()
+    comm.rank, comm.size = 1, 2
+    sync = GradSync(comm, np.zeros(8, np.float32), 8, bucket_mb=0, compression="fp16")
+    saved = np.arange(32, dtype=np.float32).reshape(4, 8)
+    sync.load_residuals(saved)
+    np.testing.assert_array_equal(sync.residual, saved[1] + saved[3])
+    sync.load_residuals(saved[:2])
+    np.testing.assert_array_equal(sync.residual, saved[1])
+    sync.load_residuals(None)
+    assert not sync.residual.any()
