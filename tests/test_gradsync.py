@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -78,7 +79,7 @@ def test_codec_keeps_small_gradients_and_huge_ones(kind):
 def test_buckets_cover_the_buffer_from_its_end():
     bounds = bucket_bounds(205_962, 4, 0.25)
     assert bounds[0][1] == 205_962 and bounds[-1][0] == 0
-    assert all(a[0] == b[1] for a, b in zip(bounds, bounds[1:], strict=False))
+    assert all(a[0] == b[1] for a, b in itertools.pairwise(bounds))
     assert bucket_bounds(1000, 4, 0) == [(0, 1000)]
 
 
@@ -240,3 +241,17 @@ def test_residuals_of_another_world_size_fold_onto_this_one():
     np.testing.assert_array_equal(sync.residual, saved[1])
     sync.load_residuals(None)
     assert not sync.residual.any()
+
+
+def test_bench_comm_mode_reports_every_setting(capsys):
+    import json
+
+    from dpvit.bench import run
+
+    run(LocalComm(), ["--comm", "--json", "--steps", "1", "--warmup", "0", "--repeats", "1",
+                      "--batch-size", "2", "--depth", "1", "--comm-buckets", "0,0.01",
+                      "--comm-compressions", "none,bf16"])
+    rows = json.loads(capsys.readouterr().out)["comm"]
+    assert [(r["bucket_mb"], r["compression"]) for r in rows] == [
+        (0.0, "none"), (0.01, "none"), (0.0, "bf16"), (0.01, "bf16")]
+    assert all(r["allreduce_ms"] >= 0 and r["images_per_s"] > 0 for r in rows)

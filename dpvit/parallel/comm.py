@@ -1,15 +1,11 @@
-"""Process-group communication for data-parallel training; the only module that imports mpi4py.
+"""Process-group communication for data-parallel training: the `Comm` interface.
 
-`Comm` hides whether the job runs under an MPI launcher (`MPIComm`) or as a plain process
+`Comm` hides whether the job runs under an MPI launcher (`MPIComm`, in
+`dpvit.parallel.mpi_comm`, the only module that imports mpi4py) or as a plain process
 (`LocalComm`, a world of one whose collectives are the identity), so training code calls the
 same methods in both cases. Everything used inside the training step is buffer based
 (`Bcast`/`Allreduce` on numpy arrays, never pickled); the `*_object` methods pickle and are
 meant for rare setup-time values such as the resolved config.
-
-The gradient is reduced with one blocking `Allreduce` per step: on one host it is a small
-fraction of the step (docs/performance.md). With more ranks than cores on a host, a rank that
-has finished its share waits asleep in `Iallreduce` instead, so that its core goes to a rank
-still computing.
 """
 
 from __future__ import annotations
@@ -18,7 +14,6 @@ import contextlib
 import logging
 import os
 import sys
-import time
 import zlib
 from collections.abc import Iterator
 from typing import Any, NoReturn, TypeVar
@@ -26,24 +21,12 @@ from typing import Any, NoReturn, TypeVar
 import numpy as np
 
 from dpvit.errors import UserError
-from dpvit.parallel.deadline import DEFAULT_TIMEOUT_S, CollectiveDeadline
 from dpvit.parallel.launcher import launched_by_mpi
-from dpvit.parallel.threads import available_cores
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Seconds to wait between flushing stderr and MPI_Abort: without it, when several ranks fail at
-#: once, Hydra sometimes tears the job down before forwarding the error lines (seen 2 in 30).
-ABORT_GRACE_S = 0.2
-#: How long `sleeping_barrier` sleeps between polls: short next to the seconds it waits for,
-#: long enough that the sleeping ranks cost their cores nothing.
-SLEEPING_POLL_S = 1e-3
-#: How long a rank on a host with more ranks than cores sleeps between polls of the gradient
-#: allreduce: a fraction of the tens of milliseconds by which ranks finish their shares apart,
-#: so a rank wakes soon after the last one arrives (docs/performance.md compares intervals).
-OVERSUBSCRIBED_POLL_S = 1e-4
 
 class DivergenceError(UserError):
     """Raised on every rank when an array that must be identical differs between ranks."""
@@ -262,198 +245,6 @@ class LocalComm(Comm):
         os._exit(code)
 
 
-class MPIComm(Comm):
-    """`Comm` over an mpi4py communicator (MPI.COMM_WORLD by default).
-
-    Args:
-        comm: The mpi4py communicator to wrap; None means MPI.COMM_WORLD.
-    """
-
-    def __init__(self, comm: Any = None) -> None:
-        from mpi4py import MPI
-
-        self._MPI = MPI
-        self._comm = MPI.COMM_WORLD if comm is None else comm
-        self.rank = self._comm.Get_rank()
-        self.size = self._comm.Get_size()
-        node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.local_rank = node.Get_rank()
-        self.local_size = node.Get_size()
-        node.Free()
-        self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
-        self.oversubscribed = self.local_size > available_cores()
-        # MPI never matches a blocking collective with a nonblocking one, so every rank must
-        # wait for the gradient in the same way: asleep in Iallreduce as soon as any host has
-        # more ranks than cores (hosts may hold different numbers of ranks)
-        self._sleeping_allreduce = bool(self._comm.allreduce(self.oversubscribed, op=MPI.LOR))
-        self._channels = [self._comm]  # channel 0, then `open_channel`'s duplicates
-        self._deadline = None
-        if self.size > 1:
-            self._deadline = CollectiveDeadline(
-                self._comm.Dup(), self.rank, DEFAULT_TIMEOUT_S,
-                can_ask=MPI.Query_thread() == MPI.THREAD_MULTIPLE)
-
-    def set_collective_timeout(self, seconds: float) -> None:
-        """Seconds a rank may wait in one collective before the job stops (0: forever)."""
-        if self._deadline is not None:
-            self._deadline.set_timeout(seconds)
-
-    def set_context(self, text: str) -> None:
-        """What the job is doing, for the collective-timeout message (e.g. "step 14")."""
-        if self._deadline is not None:
-            self._deadline.context = text
-
-    @contextlib.contextmanager
-    def no_deadline(self) -> Iterator[None]:
-        """No collective timeout inside the block."""
-        if self._deadline is None:
-            yield
-        else:
-            with self._deadline.suspended():
-                yield
-
-    @contextlib.contextmanager
-    def _waiting(self, what: str) -> Iterator[None]:
-        """Mark this rank as waiting in the collective ``what`` (for the deadline)."""
-        deadline = self._deadline
-        if deadline is None:
-            yield
-            return
-        deadline.enter(what)
-        try:
-            yield
-        finally:
-            deadline.leave()
-
-    def barrier(self) -> None:
-        """Block until every rank has called `barrier`."""
-        with self._waiting("a barrier"):
-            self._comm.Barrier()
-
-    def sleeping_barrier(self) -> None:
-        """`Ibarrier`, tested every millisecond with a sleep in between."""
-        with self._waiting("a barrier (waiting for rank 0's files)"):
-            _wait_asleep(self._comm.Ibarrier(), SLEEPING_POLL_S)
-
-    def broadcast_(self, buf: np.ndarray, root: int = 0) -> None:
-        """Overwrite `buf` in place with `root`'s contents (one `Bcast`, no copy)."""
-        _check_root(root, self.size)
-        _check_contiguous(buf)
-        with self._waiting(f"a broadcast from rank {root}"):
-            self._comm.Bcast(buf, root=root)
-
-    def allreduce_sum_(self, buf: np.ndarray) -> None:
-        """`Allreduce(IN_PLACE, buf, SUM)`: one call, no copy, never pickled.
-
-        With more ranks than cores on a host, a rank that has finished its share would spin
-        inside `Allreduce` on a core that a rank still computing needs; it waits in
-        `Iallreduce` instead, asleep between tests, and hands the core over. MPICH sums in the
-        same order either way (bit-identical results at 2 and 4 ranks).
-        """
-        _check_contiguous(buf)
-        with self._waiting(f"an allreduce of {buf.size} values"):
-            if self._sleeping_allreduce:
-                request = self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
-                _wait_asleep(request, OVERSUBSCRIBED_POLL_S)
-            else:
-                self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
-
-    def open_channel(self) -> int:
-        """A duplicate of this communicator for a second stream of nonblocking collectives."""
-        with self._waiting("creating a communication channel"):
-            self._channels.append(self._comm.Dup())
-        return len(self._channels) - 1
-
-    def iallreduce_sum_(self, buf: np.ndarray, channel: int = 0) -> Any:
-        """`Iallreduce(IN_PLACE, buf, SUM)` on ``channel``; the same sums as `Allreduce`."""
-        _check_contiguous(buf)
-        with self._waiting(f"starting an allreduce of {buf.size} values"):
-            return self._channels[channel].Iallreduce(self._MPI.IN_PLACE, buf,
-                                                      op=self._MPI.SUM)
-
-    def ialltoall(self, send: np.ndarray, recv: np.ndarray, channel: int = 0) -> Any:
-        """`Ialltoall` of equal blocks on ``channel``."""
-        _check_contiguous(recv)
-        with self._waiting(f"starting an all-to-all of {send.size} values"):
-            return self._channels[channel].Ialltoall(send, recv)
-
-    def iallgather(self, send: np.ndarray, recv: np.ndarray, channel: int = 0) -> Any:
-        """`Iallgather` on ``channel``."""
-        _check_contiguous(recv)
-        with self._waiting(f"starting an allgather of {send.size} values"):
-            return self._channels[channel].Iallgather(send, recv)
-
-    def test(self, request: Any) -> bool:
-        """`MPI_Test`: completed yet? (Progresses every pending collective.)"""
-        return request is None or bool(request.Test())
-
-    def wait_all(self, requests: list[Any], what: str) -> None:
-        """Complete ``requests`` in order: asleep between tests on a host with more ranks than
-        cores (as `allreduce_sum_`), else in `MPI_Wait`."""
-        with self._waiting(what):
-            for request in requests:
-                if request is None:
-                    continue
-                if self._sleeping_allreduce:
-                    _wait_asleep(request, OVERSUBSCRIBED_POLL_S)
-                else:
-                    request.Wait()
-
-    def _allreduce_small(self, value: Any, op: str) -> Any:
-        if isinstance(value, np.ndarray):
-            out = np.array(value, order="C")  # a copy, 0-d stays 0-d
-            with self._waiting(f"an allreduce ({op})"):
-                self._comm.Allreduce(self._MPI.IN_PLACE, out, op=self._ops[op])
-            return out
-        if isinstance(value, bool | np.bool_):
-            arr = np.array([int(value)], dtype=np.int64)
-        elif isinstance(value, np.generic):
-            arr = np.array([value])
-        elif isinstance(value, int):
-            arr = np.array([value], dtype=np.int64)
-        elif isinstance(value, float):
-            arr = np.array([value], dtype=np.float64)
-        else:
-            raise TypeError(f"cannot allreduce a {type(value).__name__}; pass a number or array")
-        with self._waiting(f"an allreduce ({op})"):
-            self._comm.Allreduce(self._MPI.IN_PLACE, arr, op=self._ops[op])
-        if isinstance(value, bool | np.bool_):
-            return type(value)(arr[0] != 0)
-        if isinstance(value, np.generic):
-            return arr[0]
-        return type(value)(arr[0])
-
-    def broadcast_object(self, obj: T, root: int = 0) -> T:
-        """Return `root`'s `obj` on every rank (pickled; setup time only)."""
-        _check_root(root, self.size)
-        with self._waiting(f"a broadcast from rank {root}"):
-            return self._comm.bcast(obj, root=root)
-
-    def allgather_object(self, obj: T) -> list[T]:
-        """Return every rank's `obj`, indexed by rank (pickled)."""
-        with self._waiting("an allgather"):
-            return self._comm.allgather(obj)
-
-    def _gather_rows(self, row: np.ndarray) -> np.ndarray:
-        rows = np.empty((self.size, row.size), dtype=row.dtype)
-        with self._waiting("an allgather (the ranks' checksums)"):
-            self._comm.Allgather(row, rows)
-        return rows
-
-    def abort(self, code: int = 1) -> NoReturn:
-        """`MPI_Abort` on COMM_WORLD: the launcher kills every rank and exits non-zero."""
-        _flush_stdio()
-        time.sleep(ABORT_GRACE_S)  # let the launcher forward this rank's last message
-        self._MPI.COMM_WORLD.Abort(code)
-        os._exit(code)  # Abort does not return; this only satisfies NoReturn.
-
-
-def _wait_asleep(request: Any, poll_s: float) -> None:
-    """Complete an MPI request, sleeping ``poll_s`` between tests instead of spinning."""
-    while not request.Test():
-        time.sleep(poll_s)
-
-
 def _check_root(root: int, size: int) -> None:
     if not 0 <= root < size:
         raise ValueError(f"root rank {root} is outside the world of {size} process(es)")
@@ -481,6 +272,8 @@ def init_comm(force_local: bool = False) -> Comm:
     except ImportError:
         logger.debug("mpi4py is not installed; running as a world of one")
         return LocalComm()
+    from dpvit.parallel.mpi_comm import MPIComm
+
     return MPIComm()
 
 
