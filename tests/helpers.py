@@ -110,3 +110,17 @@ def load_params(path: Path) -> dict[str, np.ndarray]:
     from dpvit.checkpoint import load_checkpoint
 
     return load_checkpoint(path).params
+
+
+def assert_bitwise_same_state(path_a: Path, path_b: Path, step: int) -> None:
+    """Two checkpoints of step ``step`` hold bitwise the same parameters and optimizer state."""
+    from dpvit.checkpoint import load_checkpoint
+
+    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
+    assert a.step == b.step == step
+    for name in a.params:
+        assert a.params[name].tobytes() == b.params[name].tobytes(), name
+    assert a.optimizer.keys() == b.optimizer.keys()
+    for state in a.optimizer:
+        for name in a.optimizer[state]:
+            assert a.optimizer[state][name].tobytes() == b.optimizer[state][name].tobytes(), name

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, load_params, mpirun, train
+from helpers import REPO, assert_bitwise_same_state, load_params, mpirun, train
 
 from dpvit.checkpoint import load_checkpoint
 from dpvit.nn.losses import CrossEntropyLoss
@@ -206,14 +206,8 @@ def test_compressed_resume_is_bitwise_identical(tmp_path):
     assert {"grad_residual_rank0", "grad_residual_rank1"} <= set(saved.optimizer)
     assert any(np.any(v != 0) for v in saved.optimizer["grad_residual_rank1"].values())
     train(split, "--max-steps", "12", "--resume", "auto", *flags, ranks=2)
-    a = load_checkpoint(straight / "checkpoints" / "last.h5")
-    b = load_checkpoint(split / "checkpoints" / "last.h5")
-    assert a.step == b.step == 12
-    for name in a.params:
-        assert a.params[name].tobytes() == b.params[name].tobytes(), name
-    for state in a.optimizer:
-        for name in a.optimizer[state]:
-            assert a.optimizer[state][name].tobytes() == b.optimizer[state][name].tobytes()
+    assert_bitwise_same_state(straight / "checkpoints" / "last.h5",
+                              split / "checkpoints" / "last.h5", 12)
 
     plain = tmp_path / "plain"
     train(plain, "--max-steps", "5", ranks=2)

@@ -11,7 +11,14 @@ import json
 
 import numpy as np
 import pytest
-from helpers import TINY_ARGS, load_params, real_data_dir, run_dpvit, train
+from helpers import (
+    TINY_ARGS,
+    assert_bitwise_same_state,
+    load_params,
+    real_data_dir,
+    run_dpvit,
+    train,
+)
 
 from dpvit import train as dpvit_train
 from dpvit.checkpoint import load_checkpoint
@@ -108,14 +115,8 @@ def test_resume_is_bitwise_identical_on_the_same_world_size(tmp_path):
     train(straight, "--max-steps", "12", "--checkpoint-every", "5", ranks=2)
     train(split, "--max-steps", "5", ranks=2)
     train(split, "--max-steps", "12", "--resume", "auto", ranks=2)
-    a = load_checkpoint(straight / "checkpoints" / "last.h5")
-    b = load_checkpoint(split / "checkpoints" / "last.h5")
-    assert a.step == b.step == 12
-    for name in a.params:
-        assert a.params[name].tobytes() == b.params[name].tobytes(), name
-    for state in a.optimizer:
-        for name in a.optimizer[state]:
-            assert a.optimizer[state][name].tobytes() == b.optimizer[state][name].tobytes()
+    assert_bitwise_same_state(straight / "checkpoints" / "last.h5",
+                              split / "checkpoints" / "last.h5", 12)
 
 
 @pytest.mark.mpi
