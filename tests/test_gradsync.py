@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, assert_bitwise_same_state, load_params, mpirun, train
+from helpers import REPO, assert_bitwise_same_state, load_params, missing, mpirun, train
 
 from dpvit.checkpoint import load_checkpoint
 from dpvit.nn.losses import CrossEntropyLoss
@@ -56,7 +57,9 @@ def test_bf16_rounding_matches_a_hand_computed_table():
 
 
 def test_bf16_rounding_matches_torch():
-    torch = pytest.importorskip("torch")
+    if importlib.util.find_spec("torch") is None:
+        missing("PyTorch (the test reference)", "pip install torch")
+    import torch
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(200_000) * 10.0 ** rng.uniform(-40, 38, 200_000)).astype(np.float32)
     x[:4] = [np.inf, -np.inf, 3.4e38, -0.0]

@@ -7,6 +7,7 @@ show: both ranks, each step's allreduce after that step's backward and inside th
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import threading
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TINY_ARGS, real_data_dir, train
+from helpers import TINY_ARGS, missing, real_data_dir, train
 
 from dpvit.parallel.comm import LocalComm
 from dpvit.training import timeline
@@ -257,7 +258,8 @@ def test_validator_rejects_what_trace_viewers_reject():
 
 
 def test_timeline_figure_has_a_row_per_rank_and_track(tmp_path):
-    pytest.importorskip("matplotlib")
+    if importlib.util.find_spec("matplotlib") is None:
+        missing("matplotlib", 'pip install -e ".[plots]"')
     from dpvit.report.plots import timeline_figure
 
     ranks = [[("step 1", "main", 0, 5000, {"step": 1}), ("forward/backward", "main", 10, 3000,
