@@ -23,8 +23,9 @@ from helpers import REPO, TINY_ARGS, mpirun, real_data_dir, run_dpvit
 
 from dpvit.config import load_config
 from dpvit.errors import ConfigError
+from dpvit.terminal import mpirun_terminal
 from dpvit.training import progress as progress_module
-from dpvit.training.progress import TrainingProgress, choose_mode, mpirun_terminal
+from dpvit.training.progress import TrainingProgress, choose_mode
 
 #: A bar frame: ``epoch 1  35%|███▌      | 140/400, loss 0.4321, lr 1.20e-03, 2345 images/s,
 #: ETA 01:05`` (the ETA is ``?`` until tqdm has a rate).

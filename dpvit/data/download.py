@@ -32,7 +32,7 @@ from pathlib import Path
 
 from dpvit.data.idx import DataError, DatasetInfo, find_idx_file, sha256_of_payload
 from dpvit.files import publish
-from dpvit.training.progress import TerminalTqdm, bar_terminal
+from dpvit.terminal import TerminalTqdm, bar_terminal
 
 logger = logging.getLogger(__name__)
 

@@ -190,7 +190,8 @@ class Comm:
         raise NotImplementedError
 
 
-def _flush_stdio() -> None:
+def flush_stdio() -> None:
+    """Flush stdout and stderr before the process ends without Python's clean-up."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
@@ -241,7 +242,7 @@ class LocalComm(Comm):
 
     def abort(self, code: int = 1) -> NoReturn:
         """Exit this process at once with `code`."""
-        _flush_stdio()
+        flush_stdio()
         os._exit(code)
 
 

@@ -27,11 +27,11 @@ import contextlib
 import logging
 import os
 import subprocess
-import sys
 import threading
 import time
 from typing import Any
 
+from dpvit.parallel.comm import flush_stdio
 from dpvit.parallel.launcher import local_mpirun_pid
 
 logger = logging.getLogger(__name__)
@@ -150,9 +150,7 @@ class CollectiveDeadline:
         size = self._side.Get_size()
         logger.error("%s; stopping the job", timeout_message(
             self.rank, size, what, self.context, waited, self.timeout, answers))
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):
-                stream.flush()
+        flush_stdio()
         if answers is None or len(answers) < size - 1:
             interrupt_mpirun_later()
         os._exit(1)

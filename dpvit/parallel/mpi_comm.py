@@ -18,7 +18,7 @@ from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 
-from dpvit.parallel.comm import Comm, _check_contiguous, _check_root, _flush_stdio
+from dpvit.parallel.comm import Comm, _check_contiguous, _check_root, flush_stdio
 from dpvit.parallel.deadline import DEFAULT_TIMEOUT_S, CollectiveDeadline
 from dpvit.parallel.threads import available_cores
 
@@ -215,7 +215,7 @@ class MPIComm(Comm):
 
     def abort(self, code: int = 1) -> NoReturn:
         """`MPI_Abort` on COMM_WORLD: the launcher kills every rank and exits non-zero."""
-        _flush_stdio()
+        flush_stdio()
         time.sleep(ABORT_GRACE_S)  # let the launcher forward this rank's last message
         self._MPI.COMM_WORLD.Abort(code)
         os._exit(code)  # Abort does not return; this only satisfies NoReturn.
