@@ -33,6 +33,7 @@ from typing import Any
 
 from dpvit.cli import CliParser, run_main
 from dpvit.errors import ConfigError, UserError
+from dpvit.flops import train_flops_per_image
 from dpvit.parallel.comm import Comm
 from dpvit.parallel.gradsync import COMPRESSIONS
 from dpvit.parallel.launcher import find_mpirun
@@ -41,7 +42,6 @@ from dpvit.parallel.threads import available_cores
 from dpvit.profiling import (
     StepBench,
     comm_table,
-    forward_flops_per_image,
     gemm_peak_flops,
     layer_table,
     peak_rss_bytes,
@@ -132,7 +132,7 @@ def measure(comm: Comm, args: argparse.Namespace) -> dict[str, Any]:
                       args.bucket_mb, args.grad_compression)
     result = summarize(bench.run(args.steps, args.warmup, args.repeats),
                        args.batch_size * comm.size)
-    train_flops = 3 * forward_flops_per_image(cfg)
+    train_flops = train_flops_per_image(cfg)
     result.update(
         world_size=comm.size,
         threads_per_rank=comm.threads,

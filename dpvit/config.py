@@ -57,6 +57,9 @@ class TrainConfig:
     max_bad_steps: int = option(5, "stop after this many steps in a row with a non-finite loss "
                                  "or gradient norm (each is skipped, not applied)")
     label_smoothing: float = option(0.1, "cross-entropy label smoothing")
+    ema_decay: float = option(0.0, "keep an exponential moving average of the weights with "
+                                   "this decay per step and evaluate, report and export it "
+                                   "(0: off)")
     augment: bool = option(True, "random shift/rotation/scale of training images")
     aug_shift: float = option(Augmentation.shift, "largest random shift in pixels")
     aug_rotate: float = option(Augmentation.rotate_deg, "largest random rotation in degrees")
@@ -101,6 +104,11 @@ class TrainConfig:
     grad_compression: str = option("none", "send gradients as 16-bit floats (summed in float32, "
                                            "with error feedback)",
                                    choices=("none", "fp16", "bf16"))
+    shard_optimizer: bool = option(False, "keep on each rank the optimizer state (AdamW "
+                                          "moments, SGD momentum) of its 1/N slice of the "
+                                          "parameters only: the gradient is reduce-scattered "
+                                          "and the updated slices allgathered (ZeRO stage 1; "
+                                          "checkpoints unchanged)")
     collective_timeout: float = option(600.0, "seconds a rank may wait in one collective "
                                               "before the whole job stops with a message "
                                               "naming the missing ranks (0: wait forever)")
@@ -120,13 +128,17 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_flag(self, name)} must not be negative, "
                                   f"got {getattr(self, name)}")
-        for name in ("label_smoothing", "aug_zoom"):
+        for name in ("label_smoothing", "aug_zoom", "ema_decay"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{_flag(self, name)} must be in [0, 1), "
                                   f"got {getattr(self, name)}")
         if self.resume in ("auto", "must") and not self.run_dir:
             raise ConfigError(f"--resume {self.resume} needs --run-dir (the run directory to "
                               "continue)")
+        if self.shard_optimizer and (self.bucket_mb > 0 or self.grad_compression != "none"):
+            raise ConfigError("--shard-optimizer cannot be combined with --bucket-mb or "
+                              "--grad-compression: the sharded step sums the whole gradient "
+                              "in one reduce-scatter")
         if self.reset_head and not self.init_from:
             raise ConfigError("--reset-head needs --init-from (the weights whose head it "
                               "replaces)")
@@ -271,6 +283,10 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                 if f.default is False and f.name in ("no_progress", "debug", "nesterov",
                                                         "reset_head"):
                     group.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+                elif f.name == "shard_optimizer":
+                    # alone it turns on; "false" turns off what a resumed run saved
+                    group.add_argument(flag, dest=f.name, type=_parse_bool, nargs="?",
+                                       const=True, metavar="BOOL", help=help_text)
                 else:
                     group.add_argument(flag, dest=f.name, type=_parse_bool, metavar="BOOL",
                                        help=help_text)

@@ -22,6 +22,7 @@ from dpvit.cli import CliParser, agree, run_main
 from dpvit.config import Config
 from dpvit.data import DATASETS, load_split, prepare_dataset
 from dpvit.errors import ConfigError
+from dpvit.flops import training_compute
 from dpvit.inference import EVAL_BATCH, evaluate_model, load_model
 from dpvit.parallel.comm import Comm
 from dpvit.parallel.replicas import Replicas
@@ -86,6 +87,8 @@ def run(comm: Comm, argv: list[str] | None) -> int:
                 args.checkpoint, step, saved_ranks, len(labels), dataset, comm.size)
     result = evaluate_model(Replicas(model, comm.threads), images, labels, comm, info,
                             epoch=epoch, step=step, batch_size=args.batch_size)
+    # the checkpoint's training compute, as the report written during training has it
+    result.report.update(training_compute(cfg.model, step, cfg.train.batch_size))
     run_dir = args.run_dir or args.checkpoint.resolve().parent.parent
     if comm.is_root:
         context = ReportContext(images=images, labels=labels, predictions=result.predictions,

@@ -96,6 +96,9 @@ def evaluate_model(replicas: Replicas, images: np.ndarray, labels: np.ndarray, c
 def load_model(path: Path) -> tuple[VisionTransformer, Config, Checkpoint]:
     """Build the checkpoint's model with its parameters (float32) and return its config too.
 
+    A run with ``--ema-decay`` evaluated its weights' moving average, so that is the model
+    loaded (the checkpoint's ``/ema``); otherwise its ``/params``.
+
     Returns:
         (model, config, checkpoint).
 
@@ -105,5 +108,8 @@ def load_model(path: Path) -> tuple[VisionTransformer, Config, Checkpoint]:
     ckpt = load_checkpoint(path)
     cfg = Config.from_dict(ckpt.config)
     model = VisionTransformer(cfg.model, np.float32)
-    restore_arrays(ckpt, "params", ckpt.params, model.store.named_params())
+    if ckpt.ema:
+        restore_arrays(ckpt, "ema", ckpt.ema, model.store.named_params())
+    else:
+        restore_arrays(ckpt, "params", ckpt.params, model.store.named_params())
     return model, cfg, ckpt

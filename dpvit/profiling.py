@@ -1,4 +1,4 @@
-"""Measurements behind ``python -m dpvit.bench``: step throughput, per-layer times, FLOPs, peak.
+"""Measurements behind ``python -m dpvit.bench``: step throughput, per-layer times, GEMM peak.
 
 Everything here runs on every rank with the same collectives, so it works under mpirun; timings
 that differ across ranks are reduced to the slowest rank, which is what bounds a synchronous
@@ -8,7 +8,6 @@ data-parallel step.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import resource
 import statistics
 import sys
@@ -23,7 +22,7 @@ import numpy as np
 from dpvit.nn.attention import Attention
 from dpvit.nn.layers import GELU, LayerNorm, Linear
 from dpvit.nn.losses import CrossEntropyLoss
-from dpvit.nn.patch_embed import PatchEmbed, stem_widths
+from dpvit.nn.patch_embed import PatchEmbed
 from dpvit.optim import AdamW
 from dpvit.parallel.comm import Comm
 from dpvit.parallel.replicas import MICRO_BATCH
@@ -32,24 +31,6 @@ from dpvit.vit import Mlp, VisionTransformer, ViTConfig
 
 #: The benchmark's learning rate, as the PyTorch reference's AdamW.
 LR = 1e-3
-
-
-def forward_flops_per_image(cfg: ViTConfig) -> float:
-    """Multiply-adds x 2 of one image's forward pass: every GEMM and attention matmul.
-
-    Element-wise work (norms, softmax, GELU) is left out, as in the usual model-FLOPs count;
-    a training step is counted as 3x the forward pass.
-    """
-    n = (cfg.img_size // cfg.patch_size) ** 2
-    T, D, hidden = n + 1, cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
-    if cfg.patch_embed == "stem":  # 3x3 stride-2 convs, each halving the side
-        widths = stem_widths(cfg.in_chans, D, cfg.patch_size)
-        patch = sum(2 * (cfg.img_size >> (i + 1)) ** 2 * 9 * c_in * c_out
-                    for i, (c_in, c_out) in enumerate(itertools.pairwise(widths)))
-    else:
-        patch = 2 * n * cfg.in_chans * cfg.patch_window**2 * D
-    block = 2 * T * D * (3 * D + D + 2 * hidden) + 2 * 2 * T * T * D
-    return patch + cfg.depth * block + 2 * D * cfg.num_classes
 
 
 def gemm_peak_flops(size: int = 1024, repeats: int = 5) -> float:

@@ -124,6 +124,7 @@ def merge_resumed_config(cfg: Config, explicit: set[str], saved: dict, source: s
     for key, value in asdict(cfg.train).items():
         if key in explicit or key in ("resume", "run_dir"):
             setattr(merged.train, key, value)
+    merged.train.validate()  # a flag given now may not fit a saved one (--shard-optimizer)
     return merged
 
 

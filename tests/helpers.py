@@ -18,6 +18,7 @@ TINY_ARGS = [
     "--dim", "16", "--depth", "1", "--heads", "2", "--mlp-ratio", "2", "--patch-size", "7",
     "--train-subset", "256", "--test-subset", "200", "--batch-size", "32",
     "--warmup-epochs", "0.25", "--no-progress",
+    "--patch-embed", "linear",  # the MNIST preset's stem needs a power-of-2 patch
 ]
 
 
@@ -113,7 +114,8 @@ def load_params(path: Path) -> dict[str, np.ndarray]:
 
 
 def assert_bitwise_same_state(path_a: Path, path_b: Path, step: int) -> None:
-    """Two checkpoints of step ``step`` hold bitwise the same parameters and optimizer state."""
+    """Two checkpoints of step ``step`` hold bitwise the same parameters, optimizer state and
+    weight average (``--ema-decay``)."""
     from dpvit.checkpoint import load_checkpoint
 
     a, b = load_checkpoint(path_a), load_checkpoint(path_b)
@@ -124,3 +126,6 @@ def assert_bitwise_same_state(path_a: Path, path_b: Path, step: int) -> None:
     for state in a.optimizer:
         for name in a.optimizer[state]:
             assert a.optimizer[state][name].tobytes() == b.optimizer[state][name].tobytes(), name
+    assert a.ema.keys() == b.ema.keys()
+    for name in a.ema:
+        assert a.ema[name].tobytes() == b.ema[name].tobytes(), f"ema {name}"

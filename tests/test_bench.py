@@ -15,8 +15,9 @@ from helpers import REPO, missing, run_dpvit
 
 from dpvit import bench
 from dpvit.errors import UserError
+from dpvit.flops import forward_flops_per_image, train_flops_per_image, training_compute
 from dpvit.parallel.comm import LocalComm
-from dpvit.profiling import StepBench, forward_flops_per_image
+from dpvit.profiling import StepBench
 from dpvit.training.step import STEP_EXTRAS, TrainStep
 from dpvit.vit import ViTConfig
 
@@ -53,6 +54,19 @@ def test_flop_formula_matches_a_hand_count():
     per_block = 2 * T * (D * 3 * D + D * D + D * hidden + hidden * D) + 2 * 2 * T * T * D
     expected = 2 * 49 * 16 * D + 6 * per_block + 2 * D * 10
     assert forward_flops_per_image(cfg) == expected
+
+
+def test_the_default_recipe_trains_on_about_34_tflop():
+    """The default model: about 23.6 MFLOP forward, 71 MFLOP to train on an image, and 8 epochs
+    of 60000 MNIST images at batch 64 (937 full steps each) about 34 TFLOP."""
+    cfg = ViTConfig()
+    assert forward_flops_per_image(cfg) == pytest.approx(23.6e6, rel=2e-3)
+    assert train_flops_per_image(cfg) == 3 * forward_flops_per_image(cfg)
+    assert train_flops_per_image(cfg) == pytest.approx(71e6, rel=3e-3)
+    spent = training_compute(cfg, step=8 * (60000 // 64), batch_size=64)
+    assert spent["train_flops_per_image"] == train_flops_per_image(cfg)
+    assert spent["train_flops"] == 8 * 937 * 64 * train_flops_per_image(cfg)
+    assert spent["train_flops"] == pytest.approx(34e12, rel=3e-3)
 
 
 @pytest.mark.mpi

@@ -9,16 +9,24 @@ import pytest
 from dpvit.config import CONFIG_DIR, Config, TrainConfig, load_config
 from dpvit.data import Augmentation
 from dpvit.errors import ConfigError
-from dpvit.vit import ViTConfig
 
 
-def test_mnist_preset_is_the_default_recipe():
-    """The shipped mnist.toml holds the built-in defaults (the dataclasses' own values), so a
-    run without flags trains the same recipe with or without the preset file."""
+def test_mnist_preset_changes_only_what_its_comments_explain():
+    """The shipped mnist.toml is the tuned recipe: the built-in defaults but for a shorter
+    schedule on a conv stem; every other key it holds repeats a default."""
     preset, explicit = load_config(["--config", "mnist"])
-    assert dataclasses.asdict(preset.train) == dataclasses.asdict(TrainConfig())
-    assert preset.model == ViTConfig()
+    default = Config()
+    changed = {f.name for f in dataclasses.fields(TrainConfig)
+               if getattr(preset.train, f.name) != getattr(default.train, f.name)}
+    assert changed == {"epochs", "warmup_epochs"}
+    assert (preset.train.epochs, preset.train.warmup_epochs) == (4, 0.3)
+    assert preset.model == dataclasses.replace(default.model, patch_embed="stem", depth=5)
     assert {"lr", "batch_size", "epochs"} <= explicit
+
+
+def test_the_default_command_trains_the_mnist_preset():
+    """No flags at all: the dataset's preset applies, as with ``--config mnist``."""
+    assert load_config([])[0] == load_config(["--config", "mnist"])[0]
 
 
 def test_fashion_preset_changes_only_what_its_comments_explain():
@@ -89,7 +97,7 @@ def test_missing_preset_lists_the_presets():
     (["--dim", "30", "--heads", "4"], "--dim (30) must be divisible by --heads (4)"),
     (["--patch-size", "5"], "--patch-size (5) must divide --img-size (28)"),
     (["--depth", "0"], "--depth must be a positive integer, got 0"),
-    (["--patch-overlap", "2"], "positive with --patch-embed conv; got 2 with linear"),
+    (["--patch-overlap", "2"], "positive with --patch-embed conv; got 2 with stem"),
     (["--patch-embed", "conv", "--patch-overlap", "-1"], "--patch-overlap must be 0"),
     (["--patch-embed", "stem", "--patch-size", "7"], "--patch-size a power of 2 >= 2"),
     (["--patch-embed", "stem", "--patch-overlap", "1"], "positive with --patch-embed conv"),

@@ -18,6 +18,7 @@ from helpers import missing
 
 from dpvit.data import DATASETS
 from dpvit.errors import UserError
+from dpvit.flops import format_flops, training_compute
 from dpvit.report import (
     ReportContext,
     build_report,
@@ -25,7 +26,7 @@ from dpvit.report import (
     per_class_metrics,
     write_report,
 )
-from dpvit.report.html import attention_picks, lr_parts, render_html
+from dpvit.report.html import attention_picks, compute_points, lr_parts, render_html
 from dpvit.report.rollout import attention_rollout
 from dpvit.report.writer import render_markdown
 from dpvit.vit import VisionTransformer, ViTConfig
@@ -339,3 +340,79 @@ def test_the_table_of_contents_links_every_section_and_every_link_resolves():
                              "misclassified", "attention"]
     assert page.toc == ["#summary", *(f"#{s}" for s in page.sections)]
     assert all(link[1:] in page.ids for link in page.toc)
+
+
+# -- training compute ---------------------------------------------------------------------------
+
+
+def _compute_context() -> tuple[ReportContext, dict]:
+    """A context whose two evaluations logged their training FLOPs (the default model, batch
+    64, 937 steps an epoch), and the report of the second, carrying its compute."""
+    context = _full_context(lr_schedule=None)
+    spent = [training_compute(ViTConfig(), step, 64) for step in (937, 2 * 937)]
+    context.metrics = [
+        {"kind": "step", "step": 5, "loss": 2.0, "accuracy": 0.2, "lr": 1e-3,
+         "train_flops": 5 * 64 * spent[0]["train_flops_per_image"]},
+        {"kind": "epoch", "step": 937, "test_loss": 0.3, "test_accuracy": 0.9,
+         "train_flops": spent[0]["train_flops"]},
+        {"kind": "epoch", "step": 1874, "test_loss": 0.2, "test_accuracy": 0.95,
+         "train_flops": spent[1]["train_flops"]}]
+    return context, {**_report(context), "epoch": 2, "step": 1874, **spent[1]}
+
+
+def test_flops_read_with_an_si_prefix():
+    assert format_flops(33_969_375_412_224) == "34.0 TFLOP"
+    assert format_flops(70_807_296) == "70.8 MFLOP"
+    assert format_flops(2.5e15) == "2.5 PFLOP" and format_flops(512) == "512 FLOP"
+
+
+def test_compute_points_are_the_evaluations_that_logged_their_flops():
+    metrics = [{"kind": "epoch", "step": 8, "test_accuracy": 0.5},  # before train_flops existed
+               {"kind": "epoch", "step": 24, "test_accuracy": 0.8, "train_flops": 3e9},
+               {"kind": "step", "step": 16, "accuracy": 0.6, "train_flops": 2e9},
+               {"kind": "epoch", "step": 16, "test_accuracy": 0.7, "train_flops": 2e9}]
+    flops, accuracy = compute_points(metrics)
+    assert flops.tolist() == [2e9, 3e9] and accuracy.tolist() == [0.7, 0.8]
+    assert len(compute_points(metrics[:1])[0]) == 0
+
+
+def test_the_compute_figure_draws_test_accuracy_on_a_log_flops_axis():
+    plots = _plots()
+    fig = plots.compute_figure(np.array([1e12, 2e12, 4e12]), np.array([0.9, 0.95, 0.97]))
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and "FLOPs" in ax.get_xlabel()
+    (line,) = ax.get_lines()
+    assert line.get_xdata().tolist() == [1e12, 2e12, 4e12]
+    assert line.get_ydata().tolist() == [0.9, 0.95, 0.97]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_the_report_carries_the_training_compute_and_plots_accuracy_against_it(tmp_path,
+                                                                                monkeypatch):
+    plots = _plots()
+    drawn = {}
+    real = plots.compute
+    monkeypatch.setattr(plots, "compute", lambda flops, accuracy: drawn.update(
+        flops=flops, accuracy=accuracy) or real(flops, accuracy))
+    context, report = _compute_context()
+    write_report(report, tmp_path, context)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["train_flops"] == 2 * 937 * 64 * saved["train_flops_per_image"]
+    assert saved["train_flops_per_image"] == 70_807_296
+    assert "| training compute | 8.5 TFLOP |" in (tmp_path / "report.md").read_text()
+    # the two evaluations, on the FLOPs axis; the logged step is not an evaluation
+    assert drawn["flops"].tolist() == [937 * 64 * 70_807_296, 1874 * 64 * 70_807_296]
+    assert drawn["accuracy"].tolist() == [0.9, 0.95]
+    assert (tmp_path / "accuracy_vs_compute.png").is_file()
+    text = (tmp_path / "report.html").read_text()
+    header = text[text.index("<h1>"):text.index('<nav class="toc">')]
+    assert "<b>8.5 TFLOP</b>training compute" in header
+    assert "70.8 MFLOP per image (forward + backward) \u00d7 119,936 images seen" in header
+    page = _Page(text)
+    assert page.sections == ["curves", "learning-rate", "confusion", "per-class", "compute",
+                             "misclassified", "attention"]
+    assert page.toc == ["#summary", *(f"#{s}" for s in page.sections)]
+    compute = text[text.index('<section id="compute">'):]
+    assert compute[:compute.index("</section>")].count("data:image/png;base64,") == 1

@@ -83,15 +83,17 @@ def test_report_renders_in_chromium_without_errors(tmp_path):
     assert match, result.stdout[-2000:]
     status = json.loads(html.unescape(match.group(1)))
     assert status["errors"] == []
-    # curves, learning rate, confusion matrix, misclassified images, 8 rollout overlays
-    assert len(status["images"]) >= 3 + 8
+    # curves, learning rate, accuracy against compute, confusion matrix, misclassified images,
+    # 8 rollout overlays
+    assert len(status["images"]) >= 4 + 8
+    assert "Test accuracy against training FLOPs" in [img["alt"] for img in status["images"]]
     broken = [img for img in status["images"]
               if not img["complete"] or img["naturalWidth"] <= 0]
     assert broken == []
     # a table of contents whose links all land on a section, and a compact page (it was
     # 3400 px tall at this width before the figures shared rows, 2100 with them stacked)
     assert status["toc"] == ["#summary", "#curves", "#learning-rate", "#confusion",
-                             "#per-class", "#misclassified", "#attention"]
+                             "#per-class", "#compute", "#misclassified", "#attention"]
     assert status["unresolved"] == []
     assert status["height"] < 1900, status["height"]
     console = [line for line in result.stderr.splitlines()

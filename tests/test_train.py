@@ -24,6 +24,7 @@ from dpvit import train as dpvit_train
 from dpvit.checkpoint import load_checkpoint
 from dpvit.config import Config
 from dpvit.data import prepare_dataset
+from dpvit.flops import forward_flops_per_image
 from dpvit.parallel.comm import LocalComm
 from dpvit.vit import VisionTransformer
 
@@ -31,16 +32,37 @@ REPORT_KEYS = {"dataset", "split", "epoch", "step", "world_size", "num_samples",
                "accuracy", "macro_f1", "per_class", "confusion_matrix"}
 
 
+def _train_flops(run) -> dict[tuple[str, int], int]:
+    """``train_flops`` of a run's step and epoch records in metrics.jsonl, by (kind, step)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {(r["kind"], r["step"]): r["train_flops"] for r in records
+            if r["kind"] in ("step", "epoch")}
+
+
+def _flops_per_image(run) -> int:
+    """Forward and backward FLOPs of one image for the run's model: 3 forward passes."""
+    cfg = Config.from_dict(json.loads((run / "config.json").read_text()))
+    return 3 * forward_flops_per_image(cfg.model)
+
+
 def test_single_process_run_writes_every_output(tmp_path):
     run = tmp_path / "run"
-    train(run, "--epochs", "2", "--checkpoint-every", "3", "--keep", "2")
+    train(run, "--epochs", "2", "--checkpoint-every", "3", "--keep", "2", "--log-every", "4")
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["embed_dim"] == 16 and config["train"]["epochs"] == 2
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
+    # training compute: every image of every step (global batch 32), forward and backward
+    per_image = _flops_per_image(run)
+    flops = _train_flops(run)
+    assert sorted(flops) == [("epoch", 8), ("epoch", 16), ("step", 4), ("step", 8),
+                             ("step", 12), ("step", 16)]
+    assert flops == {(kind, step): step * 32 * per_image for kind, step in flops}
     report = json.loads((run / "report" / "report.json").read_text())
     assert set(report) >= REPORT_KEYS
     assert report["num_samples"] == 200 and report["step"] == 16
+    assert report["train_flops"] == 16 * 32 * per_image
+    assert report["train_flops_per_image"] == per_image
     assert np.array(report["confusion_matrix"]).sum() == 200
     assert (run / "report" / "report.md").read_text().startswith("# mnist test report")
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -132,6 +154,11 @@ def test_checkpoint_from_four_ranks_resumes_on_two(tmp_path):
     assert b.world_size == 2 and b.step == 10
     for name in a.params:
         np.testing.assert_allclose(b.params[name], a.params[name], rtol=1e-10, atol=1e-13)
+    # the training compute of a step is the same on 4 ranks, and on 2 after the resume
+    straight_flops, moved_flops = _train_flops(straight), _train_flops(moved)
+    assert sorted(straight_flops) == [("epoch", 8), ("epoch", 10), ("step", 10)]
+    assert {key: moved_flops[key] for key in straight_flops} == straight_flops
+    assert straight_flops[("step", 10)] == 10 * 32 * _flops_per_image(straight)
 
 
 def test_resume_rejects_a_conflicting_model_flag(tmp_path):

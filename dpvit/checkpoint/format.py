@@ -6,6 +6,8 @@ Layout (format version 1), readable with `h5dump` or h5py:
                                   stored at /params/blocks/3/attn/qkv/weight
     /optimizer/<state>/<a>/...    e.g. /optimizer/exp_avg/blocks/3/attn/qkv/weight
     /optimizer attrs              optimizer scalars such as "step"
+    /ema/<a>/...                  only with --ema-decay: the weights' moving average, the
+                                  model that evaluate, predict and export load
     /rng/state                    JSON of the RNG state(s), as uint8 bytes
     /metrics                      JSON list of the metrics history, as uint8 bytes
     root attrs                    format_version, dpvit_version, step, epoch, position,
@@ -64,6 +66,7 @@ class Checkpoint:
         world_size: Number of ranks that wrote it (informational; resume works on any).
         config: The full resolved configuration.
         metrics: Metrics history, one dict per logged step or epoch.
+        ema: The weights' moving average by parameter name (empty: the run keeps none).
         path: The file it was loaded from (None when built in memory); for error messages.
     """
 
@@ -77,6 +80,7 @@ class Checkpoint:
     world_size: int = 1
     config: dict[str, Any] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    ema: dict[str, np.ndarray] = field(default_factory=dict)
     path: Path | None = field(default=None, compare=False)
 
 
@@ -174,6 +178,8 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
                     _write_named(opt.create_group(state), ckpt.optimizer[state], digest)
                 for key, value in scalars.items():
                     opt.attrs[key] = value
+                if ckpt.ema:  # absent without --ema-decay, so such files are unchanged
+                    _write_named(f.create_group("ema"), ckpt.ema, digest)
                 _write_array(f, "rng/state", _bytes_array(_to_json(ckpt.rng)), digest)
                 _write_array(f, "metrics", _bytes_array(_to_json(ckpt.metrics)), digest)
                 _meta_digest(digest, attrs, scalars)
@@ -308,6 +314,7 @@ def _load(f: h5py.File, where: Path, verify: bool) -> Checkpoint:
             raise CheckpointError(f"checkpoint {where} has a malformed /optimizer/{state}")
         optimizer[state] = _read_named(group, where, digest)
     scalars = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in opt.attrs.items()}
+    ema = _read_named(_group(f, "ema", where), where, digest) if "ema" in f else {}
     rng = _read_json_bytes(f, "rng/state", where, digest)
     metrics = _read_json_bytes(f, "metrics", where, digest)
     _meta_digest(digest, attrs, scalars)
@@ -324,6 +331,7 @@ def _load(f: h5py.File, where: Path, verify: bool) -> Checkpoint:
         world_size=int(attrs["world_size"]),
         config=json.loads(attrs["config"]),
         metrics=metrics,
+        ema=ema,
         path=where,
     )
 

@@ -114,6 +114,32 @@ class Comm:
         """Start an allgather: block r of `recv` receives rank r's `send`."""
         raise NotImplementedError
 
+    # -- vector collectives of the sharded optimizer (dpvit.parallel.shard) --------------------
+    # ``counts[r]`` values of a flat buffer belong to rank r, in rank order: rank r's block is
+    # ``[sum(counts[:r]), sum(counts[:r + 1]))``.
+
+    def reduce_scatter_sum_(self, buf: np.ndarray, counts: tuple[int, ...]) -> None:
+        """In place: this rank's block of ``buf`` receives the sum over ranks of that block;
+        the other blocks are left undefined (no buffer for the result: memory is what
+        sharding saves)."""
+        raise NotImplementedError
+
+    def allgatherv_(self, buf: np.ndarray, counts: tuple[int, ...]) -> None:
+        """In place: every rank's block of ``buf`` replaces that block on every rank."""
+        raise NotImplementedError
+
+    def gatherv(self, send: np.ndarray, recv: np.ndarray | None, counts: tuple[int, ...],
+                root: int = 0) -> None:
+        """``root``'s ``recv`` (all blocks) receives every rank's ``send`` (its block); ``recv``
+        is ignored elsewhere."""
+        raise NotImplementedError
+
+    def scatterv(self, send: np.ndarray | None, recv: np.ndarray, counts: tuple[int, ...],
+                 root: int = 0) -> None:
+        """Every rank's ``recv`` receives its block of ``root``'s ``send`` (ignored
+        elsewhere)."""
+        raise NotImplementedError
+
     def test(self, request: Any) -> bool:
         """Whether a started collective has completed; also lets MPI progress all of them
         (MPICH moves nonblocking collectives on only inside MPI calls)."""
@@ -224,6 +250,24 @@ class LocalComm(Comm):
     def iallgather(self, send: np.ndarray, recv: np.ndarray, channel: int = 0) -> Any:
         """Done at once: this rank's block is the whole result."""
         np.copyto(recv.reshape(send.shape), send)
+
+    def reduce_scatter_sum_(self, buf: np.ndarray, counts: tuple[int, ...]) -> None:
+        """The one block is the whole buffer, summed over one rank."""
+
+    def allgatherv_(self, buf: np.ndarray, counts: tuple[int, ...]) -> None:
+        """The one block is already in place."""
+
+    def gatherv(self, send: np.ndarray, recv: np.ndarray | None, counts: tuple[int, ...],
+                root: int = 0) -> None:
+        """This rank's block is the whole result."""
+        _check_root(root, 1)
+        np.copyto(recv, send)
+
+    def scatterv(self, send: np.ndarray | None, recv: np.ndarray, counts: tuple[int, ...],
+                 root: int = 0) -> None:
+        """This rank's block is the whole buffer."""
+        _check_root(root, 1)
+        np.copyto(recv, send)
 
     def _allreduce_small(self, value: Any, op: str) -> Any:
         return value.copy() if isinstance(value, np.ndarray) else value

@@ -11,6 +11,7 @@ still computing. Every collective is bounded by the collective deadline
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 from collections.abc import Iterator
@@ -156,6 +157,62 @@ class MPIComm(Comm):
         with self._waiting(f"starting an allgather of {send.size} values"):
             return self._channels[channel].Iallgather(send, recv)
 
+    def reduce_scatter_sum_(self, buf: np.ndarray, counts: tuple[int, ...]) -> None:
+        """`Reduce_scatter(IN_PLACE, buf, SUM)` with ``counts``, asleep in `Ireduce_scatter`
+        on a host with more ranks than cores (as `allreduce_sum_`, every rank alike).
+
+        MPI leaves the result at the start of ``buf``; it is moved to this rank's block, which
+        never overlaps the start: block 0, the largest, lies before every other block.
+        """
+        _check_contiguous(buf)
+        start, count = sum(counts[: self.rank]), counts[self.rank]
+        if 0 < start < count:
+            raise ValueError(f"blocks {counts} are not in decreasing size")
+        with self._waiting(f"a reduce-scatter of {buf.size} values"):
+            if self._sleeping_allreduce:
+                request = self._comm.Ireduce_scatter(self._MPI.IN_PLACE, buf, list(counts),
+                                                     op=self._MPI.SUM)
+                _wait_asleep(request, OVERSUBSCRIBED_POLL_S)
+            else:
+                self._comm.Reduce_scatter(self._MPI.IN_PLACE, buf, list(counts),
+                                          op=self._MPI.SUM)
+        if start:
+            buf[start : start + count] = buf[:count]
+
+    def allgatherv_(self, buf: np.ndarray, counts: tuple[int, ...]) -> None:
+        """`Allgatherv(IN_PLACE, buf)` with ``counts``; asleep in `Iallgatherv` on a host with
+        more ranks than cores, as `allreduce_sum_`."""
+        _check_contiguous(buf)
+        spec = [buf, (list(counts), _displacements(counts))]
+        with self._waiting(f"an allgather of {buf.size} values"):
+            if self._sleeping_allreduce:
+                _wait_asleep(self._comm.Iallgatherv(self._MPI.IN_PLACE, spec),
+                             OVERSUBSCRIBED_POLL_S)
+            else:
+                self._comm.Allgatherv(self._MPI.IN_PLACE, spec)
+
+    def gatherv(self, send: np.ndarray, recv: np.ndarray | None, counts: tuple[int, ...],
+                root: int = 0) -> None:
+        """`Gatherv` of every rank's block into ``root``'s ``recv``."""
+        _check_root(root, self.size)
+        spec = None
+        if self.rank == root:
+            _check_contiguous(recv)
+            spec = [recv, (list(counts), _displacements(counts))]
+        with self._waiting(f"a gather to rank {root}"):
+            self._comm.Gatherv(np.ascontiguousarray(send), spec, root=root)
+
+    def scatterv(self, send: np.ndarray | None, recv: np.ndarray, counts: tuple[int, ...],
+                 root: int = 0) -> None:
+        """`Scatterv` of ``root``'s ``send``, each rank's block into its ``recv``."""
+        _check_root(root, self.size)
+        _check_contiguous(recv)
+        spec = None
+        if self.rank == root:
+            spec = [np.ascontiguousarray(send), (list(counts), _displacements(counts))]
+        with self._waiting(f"a scatter from rank {root}"):
+            self._comm.Scatterv(spec, recv, root=root)
+
     def test(self, request: Any) -> bool:
         """`MPI_Test`: completed yet? (Progresses every pending collective.)"""
         return request is None or bool(request.Test())
@@ -219,6 +276,11 @@ class MPIComm(Comm):
         time.sleep(ABORT_GRACE_S)  # let the launcher forward this rank's last message
         self._MPI.COMM_WORLD.Abort(code)
         os._exit(code)  # Abort does not return; this only satisfies NoReturn.
+
+
+def _displacements(counts: tuple[int, ...]) -> list[int]:
+    """Where each rank's block starts: the running sum of the counts before it."""
+    return [0, *itertools.accumulate(counts[:-1])]
 
 
 def _wait_asleep(request: Any, poll_s: float) -> None:

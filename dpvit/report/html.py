@@ -1,17 +1,18 @@
 """report.html: one self-contained page (every image embedded as a base64 PNG, no scripts).
 
 The header says what was evaluated (run, date, checkpoint, dpvit version, data, model and
-training settings, how far the schedule got) beside the headline numbers, and a table of
-contents links the sections: training curves and the learning rate (the steps run solid, the
-rest of the planned schedule faint), the confusion matrix (a heatmap with the counts in its
-cells) beside the per-class metrics, a grid of misclassified test images with true/predicted
-class and confidence, and attention-rollout maps for a few test images, wrong predictions
-marked. The curves, learning-rate and confusion-matrix figures need matplotlib (optional extra
-``plots``); without it the page keeps everything else (the confusion matrix as a table) and
-says what is missing and how to get it. Those PNGs are also returned so that the report
-directory holds them as files. The test images (misclassified ones, attention overlays) are
-small PNGs encoded with zlib alone (``dpvit.data.imageio.encode_png``) and laid out by the page
-itself, so they need neither matplotlib nor Pillow and cost milliseconds.
+training settings, how far the schedule got, the training compute spent) beside the headline
+numbers, and a table of contents links the sections: training curves and the learning rate (the
+steps run solid, the rest of the planned schedule faint), test accuracy against training FLOPs
+(the axis on which runs of any model size or length compare), the confusion matrix (a heatmap
+with the counts in its cells) beside the per-class metrics, a grid of misclassified test images
+with true/predicted class and confidence, and attention-rollout maps for a few test images,
+wrong predictions marked. The curves, learning-rate, compute and confusion-matrix figures need
+matplotlib (optional extra ``plots``); without it the page keeps everything else (the confusion
+matrix as a table) and says what is missing and how to get it. Those PNGs are also returned so
+that the report directory holds them as files. The test images (misclassified ones, attention
+overlays) are small PNGs encoded with zlib alone (``dpvit.data.imageio.encode_png``) and laid
+out by the page itself, so they need neither matplotlib nor Pillow and cost milliseconds.
 """
 
 from __future__ import annotations
@@ -26,15 +27,17 @@ import numpy as np
 
 from dpvit.data import DatasetInfo, normalize
 from dpvit.data.imageio import encode_png, resize_matrix
+from dpvit.flops import format_flops
 from dpvit.report.rollout import attention_rollout
 
 MAX_MISCLASSIFIED = 32  # images in the misclassified grid
 NUM_ATTENTION = 8  # test images with attention-rollout maps (up to half of them mistakes)
 THUMB = 56  # displayed height of a misclassified test image in pixels (2x, pixelated)
 ATTENTION_THUMB = 64  # displayed height of an attention overlay
-MISSING_MATPLOTLIB = ('The curves, learning-rate and confusion-matrix figures need matplotlib, '
-                      'which is not installed: <code>pip install -e ".[plots]"</code>, then '
-                      'evaluate again (<code>python -m dpvit.evaluate --checkpoint ...</code>).')
+MISSING_MATPLOTLIB = ('The curves, learning-rate, compute and confusion-matrix figures need '
+                      'matplotlib, which is not installed: <code>pip install -e ".[plots]"'
+                      '</code>, then evaluate again (<code>python -m dpvit.evaluate '
+                      '--checkpoint ...</code>).')
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1em auto; max-width: 1160px; padding: 0 1em;
@@ -61,7 +64,8 @@ nav.toc { position: sticky; top: 0; background: #fff; border-bottom: 1px solid #
           padding: 0.35em 0; margin: 0.6em 0 0; font-size: 0.9em; z-index: 1; }
 nav.toc a { margin-right: 1.1em; color: #1a5fb4; text-decoration: none; }
 .row { display: flex; gap: 1.5em; align-items: flex-start; }
-.row > section { flex: 0 1 auto; min-width: 0; }
+.row > section, .row > .stack { flex: 0 1 auto; min-width: 0; }
+.row > .stack { max-width: 460px; }
 @media (max-width: 900px) { .row, header { flex-wrap: wrap; } }
 img { max-width: 100%; display: block; margin: 0.3em 0; }
 .grid { display: flex; flex-wrap: wrap; gap: 6px 8px; }
@@ -147,6 +151,15 @@ def _logged_lr(metrics: list[dict[str, Any]]) -> LrPart:
     return np.array([s for s, _ in logged]), np.array([lr for _, lr in logged])
 
 
+def compute_points(metrics: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """(training FLOPs, test accuracy) of each evaluation that logged its compute, by FLOPs
+    (records of runs from before ``train_flops`` existed are left out)."""
+    points = sorted((m["train_flops"], m["test_accuracy"]) for m in metrics
+                    if m.get("kind") == "epoch" and m.get("train_flops", 0) > 0
+                    and "test_accuracy" in m)
+    return np.array([f for f, _ in points]), np.array([a for _, a in points])
+
+
 def _figures(report: dict[str, Any], context: ReportContext | None) -> dict[str, bytes]:
     """Draw every figure the context allows; raises ImportError without matplotlib."""
     from dpvit.report import plots
@@ -162,6 +175,9 @@ def _figures(report: dict[str, Any], context: ReportContext | None) -> dict[str,
             run, planned = lr_parts(context.lr_schedule, report["step"])
         figures["lr_schedule.png"] = plots.lr_schedule(run, planned,
                                                        _logged_lr(context.metrics))
+    flops, accuracy = compute_points(context.metrics)
+    if len(flops):
+        figures["accuracy_vs_compute.png"] = plots.compute(flops, accuracy)
     return figures
 
 
@@ -195,7 +211,13 @@ def _overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
     return np.concatenate([plain, np.full((h, 1, 3), 255, np.uint8), over], axis=1)
 
 
-def _section(sid: str, heading: str, body: str, intro: str = "") -> tuple[str, str, str]:
+#: (id, heading, HTML) of one section of the page
+Section = tuple[str, str, str]
+#: one row of the page: sections side by side; a list of sections is one column of them
+Row = list[Section | list[Section]]
+
+
+def _section(sid: str, heading: str, body: str, intro: str = "") -> Section:
     """(id, heading, HTML) of one section of the page."""
     intro = f'<p class="note">{intro}</p>' if intro else ""
     return sid, heading, f'<section id="{sid}"><h2>{heading}</h2>{intro}{body}</section>'
@@ -291,6 +313,17 @@ def _settings(config: dict[str, Any], model: Any) -> list[tuple[str, str]]:
     return rows
 
 
+def _compute(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """The header's line on training compute: total, per image, images seen (none for a
+    report without ``train_flops``)."""
+    if "train_flops" not in report:
+        return []
+    total, per_image = report["train_flops"], report.get("train_flops_per_image", 0)
+    images = f" \u00d7 {total // per_image:,} images seen" if per_image else ""
+    return [("compute", f"{format_flops(total)} of training: {format_flops(per_image)} per image "
+                        f"(forward + backward){images}")]
+
+
 def _header(report: dict[str, Any], context: ReportContext | None) -> str:
     title = f"{report['dataset']} {report['split']} report"
     run = f' <span class="run">{html.escape(context.run_name)}</span>' if (
@@ -303,7 +336,7 @@ def _header(report: dict[str, Any], context: ReportContext | None) -> str:
             planned += f" (stopped there by --max-steps {max_steps})"
     meta = [("evaluated", f"epoch {report['epoch']}, step {report['step']}{planned}, "
                           f"{report['num_samples']} {report['split']} images, "
-                          f"{report['world_size']} rank(s)")]
+                          f"{report['world_size']} rank(s)"), *_compute(report)]
     if context is not None:
         if context.checkpoint:
             meta.append(("checkpoint", context.checkpoint))
@@ -312,11 +345,59 @@ def _header(report: dict[str, Any], context: ReportContext | None) -> str:
         meta.append(("written", f"{context.created} by dpvit {context.version}"))
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
                    for k, v in meta)
-    headline = "".join(f"<div><b>{v}</b>{k}</div>" for k, v in (
-        ("accuracy", f"{100 * report['accuracy']:.2f}%"), ("macro F1", f"{report['macro_f1']:.4f}"),
-        ("loss", f"{report['loss']:.4f}")))
+    numbers = [("accuracy", f"{100 * report['accuracy']:.2f}%"),
+               ("macro F1", f"{report['macro_f1']:.4f}"), ("loss", f"{report['loss']:.4f}")]
+    if "train_flops" in report:
+        numbers.append(("training compute", format_flops(report["train_flops"])))
+    headline = "".join(f"<div><b>{v}</b>{k}</div>" for k, v in numbers)
     return (f"<h1>{html.escape(title)}{run}</h1><header id=\"summary\">"
             f'<div class="headline">{headline}</div><table class="meta">{rows}</table></header>')
+
+
+def _curves_row(figures: dict[str, bytes]) -> Row:
+    """The training curves beside the learning rate (those drawn)."""
+    row: Row = []
+    if "curves.png" in figures:
+        row.append(_section("curves", "Training curves",
+                            _figure(figures, "curves.png", "Training curves"),
+                            "Training loss and accuracy of the logged batches; test after "
+                            "each evaluation."))
+    if "lr_schedule.png" in figures:
+        row.append(_section("learning-rate", "Learning rate",
+                            _figure(figures, "lr_schedule.png", "Learning rate"),
+                            "Solid: the steps run; faint: the rest of the planned schedule."))
+    return row
+
+
+def _compute_sections(figures: dict[str, bytes]) -> list[Section]:
+    """Test accuracy against training compute (none when not drawn)."""
+    if "accuracy_vs_compute.png" not in figures:
+        return []
+    return [_section("compute", "Accuracy against compute",
+                     _figure(figures, "accuracy_vs_compute.png",
+                             "Test accuracy against training FLOPs"),
+                     "Test accuracy after each evaluation against the training FLOPs spent "
+                     "before it (forward + backward of every image seen; log axis), the axis "
+                     "on which runs of any model size or length compare.")]
+
+
+def _columns(row: Row) -> list[list[Section]]:
+    return [item if isinstance(item, list) else [item] for item in row]
+
+
+def _body(rows: list[Row]) -> list[str]:
+    """The HTML of each row that has sections: a lone section as it is, else a flex row whose
+    columns of more than one section are stacked."""
+    body = []
+    for columns in (_columns(row) for row in rows if row):
+        if len(columns) == 1 and len(columns[0]) == 1:
+            body.append(columns[0][0][2])
+            continue
+        cells = [column[0][2] if len(column) == 1 else
+                 '<div class="stack">' + "".join(s[2] for s in column) + "</div>"
+                 for column in columns]
+        body.append('<div class="row">' + "".join(cells) + "</div>")
+    return body
 
 
 def _toc(sections: list[tuple[str, str, str]]) -> str:
@@ -353,27 +434,19 @@ def render_html(report: dict[str, Any], context: ReportContext | None
         confusion = _table(["true \\ predicted", *names], [
             [names[i], *map(str, row)] for i, row in enumerate(report["confusion_matrix"])],
             diag=True)
-    # rows of sections side by side: figures that are narrow enough to share the width
-    rows = [[], [_section("confusion", "Confusion matrix", confusion,
-                          "Rows: true class; columns: predicted class; counts in the cells."),
-                 _section("per-class", "Per-class metrics", per_class)]]
-    if "curves.png" in figures:
-        rows[0].append(_section("curves", "Training curves",
-                                _figure(figures, "curves.png", "Training curves"),
-                                "Training loss and accuracy of the logged batches; test after "
-                                "each evaluation."))
-    if "lr_schedule.png" in figures:
-        rows[0].append(_section("learning-rate", "Learning rate",
-                                _figure(figures, "lr_schedule.png", "Learning rate"),
-                                "Solid: the steps run; faint: the rest of the planned "
-                                "schedule."))
+    # rows of sections side by side: figures that are narrow enough to share the width; the
+    # compute figure fits under the per-class table, beside the taller confusion heatmap
+    rows: list[Row] = [
+        _curves_row(figures),
+        [_section("confusion", "Confusion matrix", confusion,
+                  "Rows: true class; columns: predicted class; counts in the cells."),
+         [_section("per-class", "Per-class metrics", per_class), *_compute_sections(figures)]]]
     if context is not None and len(context.labels):
         rows.append([_misclassified(context, names)])
         if context.model is not None:
             rows.append([_attention(context, names)])
-    sections = [s for row in rows for s in row]
-    body = ['<div class="row">' + "".join(s[2] for s in row) + "</div>" if len(row) > 1
-            else row[0][2] for row in rows if row]
+    sections = [s for row in rows for column in _columns(row) for s in column]
+    body = _body(rows)
     parts = [
         f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>",
         f"<style>{STYLE}</style></head><body>", _header(report, context), _toc(sections),

@@ -85,6 +85,25 @@ def lr_schedule(run: Line | None, planned: Line | None, logged: Line | None) -> 
     return _png(lr_figure(run, planned, logged))
 
 
+def compute_figure(flops: np.ndarray, accuracy: np.ndarray) -> Figure:
+    """Test accuracy (each evaluation) against the training FLOPs spent before it, on a log
+    axis: compute, not steps or epochs, is what runs of different model sizes and lengths
+    share, so their curves compare on this axis."""
+    fig, ax = plt.subplots(figsize=(4.2, 2.7))
+    ax.plot(flops, accuracy, "o-", color="C1", label="test")
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (forward + backward)")
+    ax.set_title("test accuracy against training compute", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def compute(flops: np.ndarray, accuracy: np.ndarray) -> bytes:
+    return _png(compute_figure(flops, accuracy))
+
+
 def confusion_figure(cm: np.ndarray, class_names: list[str]) -> Figure:
     """Heatmap of the confusion matrix, coloured by row share, with the counts in the cells
     (an empty cell is 0); the class names upright on both axes."""

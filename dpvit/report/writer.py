@@ -17,6 +17,7 @@ from typing import Any
 
 from dpvit.errors import UserError
 from dpvit.files import write_atomic
+from dpvit.flops import format_flops
 from dpvit.report.html import ReportContext, render_html
 
 
@@ -33,6 +34,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| accuracy | {100 * report['accuracy']:.2f}% |",
         f"| macro F1 | {report['macro_f1']:.4f} |",
         f"| loss | {report['loss']:.4f} |",
+        *([f"| training compute | {format_flops(report['train_flops'])} |"]
+          if "train_flops" in report else []),
         "",
         "| class | precision | recall | F1 | support |",
         "| --- | ---: | ---: | ---: | ---: |",

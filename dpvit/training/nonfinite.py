@@ -58,14 +58,19 @@ class NonFiniteSteps:
         return False
 
 
-def check_finite(buffers: dict[str, np.ndarray], step: int) -> None:
+def check_finite(buffers: dict[str, np.ndarray], step: int, comm: Any = None) -> None:
     """Stop if any of the named buffers holds NaN or Inf.
 
     Called on the parameters after every update and on the whole training state before every
-    checkpoint, so that no checkpoint holds non-finite values. The buffers are identical on
-    every rank, so every rank stops together.
+    checkpoint, so that no checkpoint holds non-finite values. Buffers identical on every rank
+    need no ``comm``: every rank stops together. Given ``comm`` (a collective), the ranks
+    agree which buffers are non-finite anywhere, for buffers that differ between ranks (a
+    sharded optimizer's slices).
     """
-    bad = [name for name, buf in buffers.items() if not np.isfinite(buf).all()]
+    flags = np.array([not np.isfinite(buf).all() for buf in buffers.values()], dtype=np.int64)
+    if comm is not None:
+        flags = comm.allreduce_max(flags)
+    bad = [name for name, flag in zip(buffers, flags, strict=True) if flag]
     if bad:
         raise AgreedError(
             f"stopping at step {step}: the {' and '.join(bad)} became non-finite (NaN or Inf); "

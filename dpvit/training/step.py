@@ -10,6 +10,11 @@ identical numbers.
 With ``bucket_mb`` > 0 or a ``grad_compression``, `dpvit.parallel.gradsync.GradSync` sums the
 buffer instead, in buckets started during backward (when this rank runs one replica on one
 micro-batch; after backward otherwise), optionally in 16 bits with error feedback.
+
+With a sharded optimizer (``--shard-optimizer``), `dpvit.parallel.shard.ShardedStep` replaces
+the allreduce: a reduce-scatter gives each rank the summed gradient of its slice, the extras
+and the global norm are agreed in one small allgather, the optimizer updates the slice and an
+allgather spreads the updated parameters.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from dpvit.nn.losses import CrossEntropyLoss
-from dpvit.optim import Optimizer, clip_grad_norm_
+from dpvit.optim import Optimizer, clip_grad_norm_, clip_to_norm_
 from dpvit.parallel.comm import Comm
 from dpvit.parallel.gradsync import GradSync
 from dpvit.parallel.replicas import MICRO_BATCH, Replicas
+from dpvit.parallel.shard import ShardedStep
 from dpvit.training import timeline
 from dpvit.training.guard import STOP_SIGNALS, StopSignals, agreed_signal, stop_votes
 from dpvit.training.nonfinite import check_finite
@@ -57,7 +63,9 @@ class TrainStep:
     Args:
         model: the rank's model (replica 0).
         comm: the job's communicator; ``comm.threads`` replicas share this rank's work.
-        optimizer: updates ``model``'s parameters from its summed gradients.
+        optimizer: updates ``model``'s parameters from its summed gradients; one with a
+            ``shard`` (this rank's slice) makes the step sharded (`ShardedStep`), which sums
+            the whole gradient in one reduce-scatter, so not with buckets or compression.
         loss_fn: returns ``(loss, dlogits)`` for logits, labels and a denominator.
         batch_size: images per step over all ranks (the global batch).
         grad_clip: the most global gradient norm (0: no clipping).
@@ -83,7 +91,13 @@ class TrainStep:
         self.replicas = Replicas(model, comm.threads, micro_batch)
         self.micro_batch = micro_batch
         self.sync = None
-        if bucket_mb > 0 or grad_compression != "none":
+        self.sharded = None
+        if optimizer.shard is not None:
+            if bucket_mb > 0 or grad_compression != "none":
+                raise ValueError("a sharded optimizer sums the gradient in one reduce-scatter: "
+                                 "no buckets or compression")
+            self.sharded = ShardedStep(comm, self.store, optimizer.shard)
+        elif bucket_mb > 0 or grad_compression != "none":
             self.sync = GradSync(comm, self.store.grad_buffer, self.store.numel,
                                  bucket_mb=bucket_mb, compression=grad_compression,
                                  on_span=on_span)
@@ -140,7 +154,9 @@ class TrainStep:
         if not self._extras_set:
             self.extras[:] = [loss, correct, *stop_votes(stop)]
         reduce_start = time.perf_counter()
-        if self.sync is None:
+        if self.sharded is not None:
+            grad_norm = self.sharded.reduce()  # this rank's slice, the extras, the global norm
+        elif self.sync is None:
             self.comm.allreduce_sum_(self.store.grad_buffer)
         else:
             self.sync.finish()
@@ -149,18 +165,32 @@ class TrainStep:
         self.allreduce_seconds += reduced - reduce_start
         self.compute_seconds += reduce_start - start
         loss, correct = float(self.extras[0]), float(self.extras[1])
-        grad_norm = clip_grad_norm_(self.store.flat_grads, self.grad_clip)
+        if self.sharded is not None:
+            clip_to_norm_(self.sharded.own_grads(), grad_norm, self.grad_clip)
+        else:
+            grad_norm = clip_grad_norm_(self.store.flat_grads, self.grad_clip)
         updated = may_update is None or may_update(loss, grad_norm)
         if self.sync is not None:
             self.sync.commit(updated)
+        gather_start = gathered = 0.0
         if updated:
             self.optimizer.lr = lr
             self.optimizer.step()
+            if self.sharded is not None:
+                gather_start = time.perf_counter()
+                self.sharded.gather_params()
+                gathered = time.perf_counter()
+                self.allreduce_seconds += gathered - gather_start
             check_finite({"parameters": self.store.flat_params}, step + 1)
         if timeline.recording():  # --timeline: this step's spans, from the times taken above
             timeline.record("forward/backward", start, reduce_start)
-            # the one allreduce; GradSync's buckets are recorded by its on_span (comm_span)
-            timeline.record("allreduce" if self.sync is None else "allreduce wait",
-                            reduce_start, reduced, track="comm" if self.sync is None else None)
-            timeline.record("clip + optimizer", reduced, time.perf_counter())
+            # the one allreduce; GradSync's buckets are recorded by its on_span (comm_span); a
+            # sharded step's two halves keep the prefix, so the trace colours them as comm
+            name = ("allreduce: reduce-scatter" if self.sharded is not None
+                    else "allreduce" if self.sync is None else "allreduce wait")
+            timeline.record(name, reduce_start, reduced,
+                            track="comm" if self.sync is None else None)
+            timeline.record("clip + optimizer", reduced, gather_start or time.perf_counter())
+            if gathered:
+                timeline.record("allreduce: allgather", gather_start, gathered, track="comm")
         return StepResult(loss, correct, grad_norm, agreed_signal(self.extras[2:]), updated)

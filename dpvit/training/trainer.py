@@ -9,6 +9,7 @@ identical (checked by checksum every ``log_every`` steps and at each epoch end).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,13 +27,16 @@ from dpvit.data import (
     prepare_dataset,
     train_batches,
 )
+from dpvit.flops import training_compute
 from dpvit.inference import Evaluation, evaluate_model
 from dpvit.nn.losses import CrossEntropyLoss
 from dpvit.optim import build_optimizer
 from dpvit.parallel.comm import Comm
+from dpvit.parallel.shard import Shard, gather_state, spread_state
 from dpvit.report import ReportContext, write_report
 from dpvit.training import timeline
 from dpvit.training.debug import gradient_spot_check, watch_non_finite
+from dpvit.training.ema import WeightAverage
 from dpvit.training.guard import StopSignals, preempted
 from dpvit.training.metrics_log import MetricsLog
 from dpvit.training.nonfinite import NonFiniteSteps, check_finite
@@ -91,7 +95,8 @@ class Trainer:
                 views[name][...] = value
         self.optimizer = build_optimizer(
             t.optimizer, self.store, t.lr, t.weight_decay, momentum=t.momentum,
-            nesterov=t.nesterov, betas=(t.beta1, t.beta2))
+            nesterov=t.nesterov, betas=(t.beta1, t.beta2),  # --shard-optimizer: a slice's state
+            shard=Shard.of(self.store.numel, comm.rank, comm.size) if t.shard_optimizer else None)
         self.loss_fn = CrossEntropyLoss(t.label_smoothing)
         # the step, also what `python -m dpvit.bench` times; it builds the replicas
         self.parallel_step = TrainStep(self.model, comm, self.optimizer, self.loss_fn,
@@ -101,6 +106,7 @@ class Trainer:
                                        on_span=timeline.comm_span if t.timeline else None)
         self.sync = self.parallel_step.sync  # None: one blocking allreduce per step
         self._saved_residuals: np.ndarray | None = None  # rank 0, from `restore`
+        self._saved_optimizer: dict[str, np.ndarray] | None = None  # rank 0, from `restore`
         self.replicas = self.parallel_step.replicas
         # --timeline: this rank's spans of a few steps (None: nothing records, nothing costs)
         self.timeline = (timeline.Timeline(t.timeline, t.timeline_steps, comm.rank,
@@ -119,23 +125,31 @@ class Trainer:
         self.metrics = MetricsLog(run_dir / "metrics.jsonl", comm.is_root)
         self.tensorboard = TensorBoardLog(t.tensorboard, comm.is_root)  # --tensorboard
         self.bad_steps = NonFiniteSteps(t.max_bad_steps, self.metrics.append)
+        # --ema-decay: the weights' moving average, the model every evaluation scores
+        self.ema = WeightAverage(self.store, t.ema_decay) if t.ema_decay else None
         self.sync_parameters("initial parameters")
 
     # -- state ---------------------------------------------------------------------------------
 
     def sync_parameters(self, what: str) -> None:
-        """Broadcast parameters and optimizer state from rank 0 and prove all ranks agree."""
+        """Broadcast parameters and optimizer state from rank 0 (a sharded optimizer: each
+        rank's slice of it) and prove all ranks agree."""
         self.comm.broadcast_(self.store.flat_params)
-        for buf in self.optimizer.state.values():
-            self.comm.broadcast_(buf)
+        if self.ema is not None:
+            self.comm.broadcast_(self.ema.flat)
+        spread_state(self.comm, self.optimizer, self._saved_optimizer)
+        self._saved_optimizer = None
         self.comm.check_identical(self.store.flat_params, what)
 
-    def checkpoint(self, residuals: np.ndarray | None = None) -> Checkpoint:
+    def checkpoint(self, residuals: np.ndarray | None = None,
+                   optimizer_state: dict[str, np.ndarray] | None = None) -> Checkpoint:
         """Everything needed to continue exactly (nothing in it depends on the rank count,
         except the error-feedback residuals of compressed gradients, one per rank:
         ``residuals`` from `GradSync.gather_residuals`, stored like optimizer state as
-        ``grad_residual_rank<r>``)."""
+        ``grad_residual_rank<r>``). A sharded optimizer's state is ``optimizer_state``, the
+        whole of it from `gather_state`."""
         buffers, scalars = self.optimizer.state_dict()
+        buffers = buffers if optimizer_state is None else optimizer_state
         if residuals is not None:
             buffers = {**buffers, **{f"{RESIDUAL_PREFIX}{r}": row
                                      for r, row in enumerate(residuals)}}
@@ -149,11 +163,17 @@ class Trainer:
             step=self.state.step, epoch=self.state.epoch, step_in_epoch=self.state.step_in_epoch,
             world_size=self.comm.size, config=self.cfg.to_dict(),
             metrics=[*self.state.history, {"best_accuracy": self.state.best_accuracy}],
+            ema={} if self.ema is None else {n: v.copy() for n, v in self.ema.named().items()},
         )
 
     def restore(self, ckpt: Checkpoint) -> None:
         """Load a checkpoint's state (on rank 0; ``sync_parameters`` then spreads it)."""
         restore_arrays(ckpt, "params", ckpt.params, self.store.named_params())
+        if self.ema is not None and ckpt.ema:
+            restore_arrays(ckpt, "ema", ckpt.ema, self.ema.named())
+        elif self.ema is not None:
+            logger.info("the checkpoint has no weight average: it starts at its weights")
+            self.ema.flat[...] = self.store.flat_params
         buffers, residuals = {}, {}
         for state, arrays in ckpt.optimizer.items():
             if state.startswith(RESIDUAL_PREFIX):  # compressed gradients' error feedback
@@ -166,6 +186,7 @@ class Trainer:
             restore_arrays(ckpt, f"optimizer/{state}", arrays,
                            self.store.named_views(buffers[state]))
         self.optimizer.load_state_dict(buffers, ckpt.optimizer_scalars)
+        self._saved_optimizer = buffers  # a sharded optimizer's other slices: sync_parameters
         self._saved_residuals = (np.stack([residuals[r] for r in sorted(residuals)])
                                  if residuals else None)
         self.state = RunState(
@@ -230,6 +251,8 @@ class Trainer:
             may_update=lambda loss, norm: self.bad_steps.may_update(state.step + 1, state.epoch,
                                                                     loss, norm))
         self.stop_signal = done.stop_signal
+        if self.ema is not None:
+            self.ema.update()
         state.step += 1
         return {"loss": done.loss, "accuracy": done.correct / t.batch_size, "lr": lr,
                 "grad_norm": done.grad_norm, "skipped_steps": self.bad_steps.total}
@@ -237,9 +260,16 @@ class Trainer:
     # -- evaluation ----------------------------------------------------------------------------
 
     def evaluate(self) -> Evaluation:
-        """Score the test split, each rank its exact shard (collectives: call on every rank)."""
-        return evaluate_model(self.replicas, self.test_x, self.test_y, self.comm, self.info,
-                              epoch=self.state.epoch, step=self.state.step)
+        """Score the test split, each rank its exact shard (collectives: call on every rank);
+        with ``--ema-decay`` the weights' average is scored."""
+        with contextlib.nullcontext() if self.ema is None else self.ema.applied():
+            return evaluate_model(self.replicas, self.test_x, self.test_y, self.comm,
+                                  self.info, epoch=self.state.epoch, step=self.state.step)
+
+    def compute_spent(self) -> dict[str, int]:
+        """Training FLOPs so far and per image (`dpvit.flops.training_compute`): forward and
+        backward of every image of every step on all ranks, so any rank count logs the same."""
+        return training_compute(self.cfg.model, self.state.step, self.cfg.train.batch_size)
 
     def report_context(self, evaluation: Evaluation) -> ReportContext:
         """What rank 0's HTML report draws: images, predictions, model, curves, LR schedule."""
@@ -259,12 +289,16 @@ class Trainer:
         """Check the whole state is finite, then rank 0 writes step-N.h5 (and last/best.h5)."""
         saving = timeline.begin("checkpoint", step=self.state.step)
         residuals = self.sync.gather_residuals() if self.sync is not None else None
+        # the comm: a sharded optimizer's slices differ, so the ranks agree on the verdict
         check_finite({"parameters": self.store.flat_params,
+                      **({} if self.ema is None else {"weight average": self.ema.flat}),
                       **{f"optimizer {k}": v for k, v in self.optimizer.state.items()},
                       **({} if residuals is None else {"error-feedback residuals": residuals})},
-                     self.state.step)
+                     self.state.step, self.comm)
+        optimizer_state = gather_state(self.comm, self.optimizer)  # the whole, on rank 0
         if self.comm.is_root:
-            path = save_rolling(self.run_dir / "checkpoints", self.checkpoint(residuals),
+            path = save_rolling(self.run_dir / "checkpoints",
+                                self.checkpoint(residuals, optimizer_state),
                                 self.cfg.train.keep, is_best)
             logger.info("saved checkpoint %s", path)
         timeline.end(saving)
@@ -279,9 +313,11 @@ class Trainer:
         with timeline.span("evaluation", step=state.step):
             evaluation = self.evaluate()  # reports the epochs completed, as the checkpoint does
         report = evaluation.report
+        report.update(self.compute_spent())
         record = {"kind": "epoch", "epoch": state.epoch, "step": state.step,
                   "test_loss": report["loss"], "test_accuracy": report["accuracy"],
-                  "macro_f1": report["macro_f1"], "time": time.time()}
+                  "macro_f1": report["macro_f1"], "train_flops": report["train_flops"],
+                  "time": time.time()}
         state.history.append(record)
         self.metrics.append(record)
         self.tensorboard.record(record)
@@ -317,7 +353,8 @@ class Trainer:
         progress.update(state.step, state.epoch + 1, stats["loss"], stats["lr"])
         if state.step % t.log_every == 0 or state.step == total:
             stats.update(kind="step", step=state.step, epoch=state.epoch,
-                         images_per_s=meter.rate_and_restart())
+                         images_per_s=meter.rate_and_restart(),
+                         train_flops=self.compute_spent()["train_flops"])
             self.metrics.append(stats)
             self.tensorboard.record(stats)
             logger.log(logging.INFO if progress.plain else logging.DEBUG, "%s",
