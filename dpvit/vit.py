@@ -159,13 +159,18 @@ class Block(Layer):
 
     def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
         queries = 1 if self.cls_only else None
-        attended = self.attn.forward(self.norm1.forward(x, train), train, queries)
-        x = x[:, : attended.shape[1]] + attended
-        return x + self.mlp.forward(self.norm2.forward(x, train), train)
+        # Each branch returns a fresh array that no layer keeps, so the residuals are added into
+        # it in place: no new array, and the sum is still in the cache for the next layer.
+        x_attn = self.attn.forward(self.norm1.forward(x, train), train, queries)
+        x_attn += x[:, : x_attn.shape[1]]
+        out = self.mlp.forward(self.norm2.forward(x_attn, train), train)
+        out += x_attn
+        return out
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        # the residual sends dy both around and through each branch
-        dx = dy + self.norm2.backward(self.mlp.backward(dy))
+        # the residual sends dy both around and through each branch (added in place, as above)
+        dx = self.norm2.backward(self.mlp.backward(dy))
+        dx += dy
         dx_in = self.norm1.backward(self.attn.backward(dx))
         dx_in[:, : dx.shape[1]] += dx
         return dx_in

@@ -24,6 +24,16 @@ def test_mnist_preset_changes_only_what_its_comments_explain():
     assert {"lr", "batch_size", "epochs"} <= explicit
 
 
+def test_the_long_recipe_changes_the_mnist_preset_only_where_its_comments_say():
+    long, _ = load_config(["--config", "mnist-long"])
+    short, _ = load_config([])
+    changed = {f.name for f in dataclasses.fields(TrainConfig)
+               if getattr(long.train, f.name) != getattr(short.train, f.name)}
+    assert changed == {"epochs", "warmup_epochs", "no_aug_epochs"}
+    assert long.model == dataclasses.replace(short.model, depth=6)
+    assert long.train.epochs <= 30
+
+
 def test_the_default_command_trains_the_mnist_preset():
     """No flags at all: the dataset's preset applies, as with ``--config mnist``."""
     assert load_config([])[0] == load_config(["--config", "mnist"])[0]
@@ -61,7 +71,8 @@ def test_augmentation_flags_reach_the_loader():
 
 
 def test_presets_ship_inside_the_package():
-    assert sorted(p.stem for p in CONFIG_DIR.glob("*.toml")) == ["fashion-mnist", "mnist"]
+    assert sorted(p.stem for p in CONFIG_DIR.glob("*.toml")) == ["fashion-mnist", "mnist",
+                                                                 "mnist-long"]
 
 
 def test_flags_override_the_file(tmp_path):
@@ -85,7 +96,8 @@ def test_bad_file_is_one_clear_error(tmp_path, text, message):
 
 
 def test_missing_preset_lists_the_presets():
-    with pytest.raises(ConfigError, match=r"not found \(presets: fashion-mnist, mnist\)"):
+    with pytest.raises(ConfigError,
+                       match=r"not found \(presets: fashion-mnist, mnist, mnist-long\)"):
         load_config(["--config", "cifar"])
 
 

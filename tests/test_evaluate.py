@@ -104,7 +104,7 @@ FASHION_DIR = Path(DATASETS["fashion-mnist"].system_dirs[0])
 
 
 def test_fashion_mnist_end_to_end(tmp_path):
-    """Train a few steps on Fashion-MNIST (its preset: conv stem, flips; the files from the
+    """Train a few steps on Fashion-MNIST (its preset: learning rate, flips; the files from the
     Debian package), then evaluate the checkpoint: its report names Fashion-MNIST's classes."""
     if not FASHION_DIR.is_dir():
         missing("Fashion-MNIST", "apt-get install dataset-fashion-mnist")
@@ -115,7 +115,7 @@ def test_fashion_mnist_end_to_end(tmp_path):
     assert "fashion-mnist" in result.stderr
     ckpt = load_checkpoint(run / "checkpoints" / "last.h5")
     assert ckpt.step == 3 and ckpt.config["train"]["dataset"] == "fashion-mnist"
-    assert ckpt.config["model"]["patch_embed"] == "stem"  # the preset, under the flags
+    assert ckpt.config["train"]["lr"] == 2e-3  # the preset, under the flags
     assert ckpt.config["train"]["aug_hflip"]
     out = tmp_path / "eval"
     _evaluate(["--checkpoint", str(run / "checkpoints" / "last.h5"), "--run-dir", str(out),

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from gradcheck import TOLERANCE, check_layer, numeric_grad, rel_err
 
+from dpvit.nn import functional as F
 from dpvit.nn.attention import Attention
 from dpvit.nn.layers import GELU, Conv2d, Dropout, Flatten, LayerNorm, Linear, ReLU
 from dpvit.nn.losses import CrossEntropyLoss, MSELoss
@@ -150,6 +153,25 @@ def test_gelu_is_the_tanh_form():
     y = GELU().forward(x, train=False)
     expected = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
     np.testing.assert_allclose(y, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_without_the_max_shift_redoes_extreme_rows(dtype):
+    """softmax_fwd leaves out the shift by the row maximum; rows whose exp would overflow or
+    underflow are redone with it, silently."""
+    x = rng.standard_normal((3, 4, 6)) * 3
+    x[0, 1] += 500.0  # exp overflows float32, and leaves the safe range of sums in float64
+    x[1, 2] -= 500.0  # every exp underflows
+    x[2, 3, 0] = 80.0  # one score near float32's limit
+    x = x.astype(dtype)
+    expected = np.exp(x - x.max(axis=-1, keepdims=True), dtype=np.float64)
+    expected /= expected.sum(axis=-1, keepdims=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = F.softmax_fwd(x)
+    assert y.dtype == dtype
+    np.testing.assert_allclose(y, expected, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                               atol=1e-7 if dtype == np.float32 else 1e-15)
 
 
 def test_dropout_masks_depend_on_sample_not_batch_position():

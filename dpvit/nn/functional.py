@@ -97,14 +97,15 @@ def col2im(
 # ---------------------------------------------------------------------------------------------
 # Softmax over the last axis.
 #
-# Reductions along a short last axis (50 keys) are slow in numpy: a row maximum over (B, H, N, N)
-# costs ten times a block maximum and a row sum five times a matrix-vector product. The kernels
-# below therefore shift by the maximum of each trailing (rows, cols) block -- softmax is the same
-# for any per-row shift -- and sum rows with a GEMV against a vector of ones.
-
-# Row sums below this mean the block shift pushed a whole row towards underflow (its maximum lies
-# over 40 below the block's), where float32 starts losing precision; such rows are redone exactly.
-_UNDERFLOW_GUARD = 1e-18
+# Reductions along a short last axis (50 keys) are slow in numpy: a row sum costs five times a
+# matrix-vector product, a row maximum ten times a maximum over whole blocks. So rows are summed
+# with a GEMV against a vector of ones, and the usual shift by the row maximum is left out:
+# softmax is the same for any shift, and float32 exp only overflows above 88, far beyond the
+# attention scores of trained models (docs/performance.md), so the shift's extra pass over the
+# scores buys nothing. Rows whose sum of exp leaves _SUM_RANGE (a score above ~69, near
+# overflow, or all scores below ~-69, where subnormals lose precision) are redone with the
+# exact shift, so the result never rests on that assumption.
+_SUM_RANGE = (1e-30, 1e30)
 
 
 def row_sum(x: np.ndarray) -> np.ndarray:
@@ -114,16 +115,15 @@ def row_sum(x: np.ndarray) -> np.ndarray:
 
 def softmax_fwd(x: np.ndarray) -> np.ndarray:
     """Numerically stable softmax over the last axis of an array of two or more dimensions."""
-    block_max = x.reshape(*x.shape[:-2], -1).max(axis=-1)[..., None, None]
-    y = np.subtract(x, block_max)
-    np.exp(y, out=y)
+    with np.errstate(over="ignore"):  # an overflowing row is redone below
+        y = np.exp(x)
     sums = row_sum(y)
-    low = sums < _UNDERFLOW_GUARD
-    if low.any():  # rare: shift those rows by their own maximum instead
-        rows = x[low]
+    bad = ~((sums >= _SUM_RANGE[0]) & (sums <= _SUM_RANGE[1]))  # inf and nan are bad too
+    if bad.any():  # rare: shift those rows by their own maximum
+        rows = x[bad]
         exact = np.exp(rows - rows.max(axis=-1, keepdims=True))
-        y[low] = exact
-        sums[low] = row_sum(exact)
+        y[bad] = exact
+        sums[bad] = row_sum(exact)
     np.reciprocal(sums, out=sums)
     y *= sums[..., None]
     return y
@@ -144,34 +144,36 @@ _GELU_A = 0.044715
 
 
 def gelu_fwd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """GELU (tanh form). Returns (y, t) where t = tanh(...) is reused by the backward pass."""
-    t = x * x
-    t *= _GELU_A
-    t += 1.0
-    t *= x
-    t *= _GELU_C
-    np.tanh(t, out=t)
-    y = t + 1.0
-    y *= x
-    y *= 0.5
-    return y, t
+    """GELU (tanh form) as 0.5 x s, s = 1 + tanh(u), u = sqrt(2/pi) (x + a x^3).
+
+    Returns (y, s); the backward pass reuses s. Every line is one pass over the data. y starts
+    as 0.5 x while x is still in the cache from the GEMM that wrote it, and the last pass reads
+    y and s alone: a last pass that also read x would push part of y out of the cache before
+    the next layer's GEMM reads it.
+    """
+    y = x * 0.5
+    s = x * x
+    s *= _GELU_C * _GELU_A
+    s += _GELU_C
+    s *= x  # u
+    np.tanh(s, out=s)
+    s += 1.0
+    y *= s
+    return y, s
 
 
-def gelu_bwd(dy: np.ndarray, x: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """d/dx GELU = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 a x^2)."""
-    inner = x * x
-    inner *= 3.0 * _GELU_A
-    inner += 1.0
-    inner *= _GELU_C
-    inner *= x
-    sech2 = t * t
-    np.subtract(1.0, sech2, out=sech2)
-    inner *= sech2
-    inner += t
-    inner += 1.0
-    inner *= 0.5
-    inner *= dy
-    return inner
+def gelu_bwd(dy: np.ndarray, x: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """d/dx (0.5 x s) = s (0.5 + 0.5 sqrt(2/pi) x (1 + 3 a x^2) (2 - s)), since
+    ds/dx = (1 - tanh^2) du/dx and 1 - tanh^2 = s (2 - s)."""
+    g = x * x
+    g *= 1.5 * _GELU_C * _GELU_A
+    g += 0.5 * _GELU_C
+    g *= x
+    g *= np.subtract(2.0, s)
+    g += 0.5
+    g *= s
+    g *= dy
+    return g
 
 
 # ---------------------------------------------------------------------------------------------

@@ -183,13 +183,13 @@ class GELU(Layer):
     """
 
     def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
-        y, t = F.gelu_fwd(x)
-        self.cache = (x, t)
+        y, s = F.gelu_fwd(x)
+        self.cache = (x, s)
         return y
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        x, t = self._take_cache()
-        return F.gelu_bwd(dy, x, t)
+        x, s = self._take_cache()
+        return F.gelu_bwd(dy, x, s)
 
 
 class Dropout(Layer):
