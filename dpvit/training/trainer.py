@@ -262,9 +262,14 @@ class Trainer:
     def evaluate(self) -> Evaluation:
         """Score the test split, each rank its exact shard (collectives: call on every rank);
         with ``--ema-decay`` the weights' average is scored."""
-        with contextlib.nullcontext() if self.ema is None else self.ema.applied():
+        with self.evaluated_weights():
             return evaluate_model(self.replicas, self.test_x, self.test_y, self.comm,
                                   self.info, epoch=self.state.epoch, step=self.state.step)
+
+    def evaluated_weights(self) -> contextlib.AbstractContextManager:
+        """Inside the block the model holds the weights evaluations score: the average with
+        ``--ema-decay``, else the weights themselves."""
+        return contextlib.nullcontext() if self.ema is None else self.ema.applied()
 
     def compute_spent(self) -> dict[str, int]:
         """Training FLOPs so far and per image (`dpvit.flops.training_compute`): forward and
@@ -324,7 +329,7 @@ class Trainer:
         is_best = report["accuracy"] > state.best_accuracy
         state.best_accuracy = max(state.best_accuracy, report["accuracy"])
         if self.comm.is_root:
-            with timeline.span("report", step=state.step):
+            with timeline.span("report", step=state.step), self.evaluated_weights():
                 write_report(report, self.run_dir / "report", self.report_context(evaluation))
             self.tensorboard.confusion(np.array(report["confusion_matrix"]), state.step,
                                        self.run_dir / "report")
