@@ -96,8 +96,7 @@ class ShardedStep:
         same on every rank."""
         store, shard = self.store, self.shard
         self.comm.reduce_scatter_sum_(store.flat_grads, shard.counts)
-        own = store.flat_grads[shard.start : shard.stop]
-        own64 = own.astype(np.float64, copy=False)
+        own64 = self.own_grads().astype(np.float64, copy=False)
         extras = store.grad_buffer[store.numel :]
         row = np.empty(len(extras) + 1, dtype=np.float64)
         row[:-1] = extras

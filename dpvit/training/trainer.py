@@ -141,15 +141,15 @@ class Trainer:
         self._saved_optimizer = None
         self.comm.check_identical(self.store.flat_params, what)
 
-    def checkpoint(self, residuals: np.ndarray | None = None,
-                   optimizer_state: dict[str, np.ndarray] | None = None) -> Checkpoint:
+    def checkpoint(self, optimizer_state: dict[str, np.ndarray],
+                   residuals: np.ndarray | None = None) -> Checkpoint:
         """Everything needed to continue exactly (nothing in it depends on the rank count,
         except the error-feedback residuals of compressed gradients, one per rank:
         ``residuals`` from `GradSync.gather_residuals`, stored like optimizer state as
-        ``grad_residual_rank<r>``). A sharded optimizer's state is ``optimizer_state``, the
-        whole of it from `gather_state`."""
-        buffers, scalars = self.optimizer.state_dict()
-        buffers = buffers if optimizer_state is None else optimizer_state
+        ``grad_residual_rank<r>``). ``optimizer_state`` is the whole optimizer state from
+        `gather_state` (sharded or not)."""
+        _, scalars = self.optimizer.state_dict()
+        buffers = optimizer_state
         if residuals is not None:
             buffers = {**buffers, **{f"{RESIDUAL_PREFIX}{r}": row
                                      for r, row in enumerate(residuals)}}
@@ -303,7 +303,7 @@ class Trainer:
         optimizer_state = gather_state(self.comm, self.optimizer)  # the whole, on rank 0
         if self.comm.is_root:
             path = save_rolling(self.run_dir / "checkpoints",
-                                self.checkpoint(residuals, optimizer_state),
+                                self.checkpoint(optimizer_state, residuals),
                                 self.cfg.train.keep, is_best)
             logger.info("saved checkpoint %s", path)
         timeline.end(saving)
