@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 from dpvit.errors import AgreedError, ConfigError, UserError
 from dpvit.parallel.allocator import keep_freed_memory
 from dpvit.parallel.comm import Comm, init_comm
-from dpvit.parallel.threads import configure_threads
+from dpvit.parallel.threads import SPARE_RANKS_ENV, configure_threads
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def agree(comm: Comm, step: Callable[..., T], *args: Any, root_only: bool = Fals
 def run_main(main: Callable[[Comm], int | None], argv: list[str] | None = None,
              single_process: bool = False,
              parse_args: Callable[[list[str] | None], object] | None = None,
-             announce_threads: bool = False) -> int:
+             announce_threads: bool = False, spare_ranks: bool = False) -> int:
     """Run a command's `main(comm)` with dpvit's process setup and failure handling.
 
     Sets up the communicator (`init_comm`), logging and the allocator (`keep_freed_memory`),
@@ -166,35 +167,46 @@ def run_main(main: Callable[[Comm], int | None], argv: list[str] | None = None,
         announce_threads: Log the threads chosen per rank at INFO on rank 0, after the
             arguments are checked (training and bench, where the thread count matters);
             otherwise the line is at DEBUG.
+        spare_ranks: Let the ranks of a host beyond its cores sit out (training): `main`
+            then gets a communicator of the computing ranks alone, and the spare ranks wait
+            asleep for its end (`dpvit.parallel.threads.computes_steps`).
 
     Returns:
         The exit status, for `sys.exit`. With more than one rank a failure that is not
         agreed never returns.
     """
     debug = debug_requested(argv)
-    comm = init_comm(force_local=single_process)
+    world = comm = init_comm(force_local=single_process)
     setup_logging(comm, debug=debug)
     try:
         keep_freed_memory()
         if parse_args is not None:
             agree(comm, parse_args, argv)
         announce = announce_threads and not help_requested(argv)  # usage text alone
+        if spare_ranks and not help_requested(argv):
+            computing = world.computing_ranks()
+            if computing is None:
+                return wait_as_spare_rank(world)
+            if computing is not world:
+                comm = computing
+                announce_spare_ranks(world, comm)
+                setup_logging(comm, debug=debug)
         configure_threads(comm, level=logging.INFO if announce else logging.DEBUG)
         code = main(comm)
-        return 0 if code is None else int(code)
+        return world.join_spare_ranks(0 if code is None else int(code))
     except KeyboardInterrupt:
         logger.error("interrupted")
         code = 130
     except SystemExit as exc:
         if exc.code is None or exc.code == 0:
-            return 0
+            return world.join_spare_ranks(0)
         if not isinstance(exc.code, int):
             logger.error("%s", exc.code)
         code = exc.code if isinstance(exc.code, int) else 1
     except AgreedError as exc:  # every rank is here together: report once, exit normally
         if comm.is_root:
             logger.log(exc.level, "%s", exc)
-        return exc.exit_code
+        return world.join_spare_ranks(exc.exit_code)
     except UserError as exc:
         if debug:
             logger.exception("%s", exc)
@@ -211,6 +223,26 @@ def run_main(main: Callable[[Comm], int | None], argv: list[str] | None = None,
                 exc,
             )
         code = 1
-    if comm.size > 1:
-        comm.abort(code)
+    if world.size > 1:
+        world.abort(code)
     return code
+
+
+def wait_as_spare_rank(world: Comm) -> int:
+    """A spare rank's whole run: wait, asleep, for the computing ranks to end; their exit code.
+
+    SIGINT and SIGTERM are ignored meanwhile: mpirun forwards them to every rank, and the
+    computing ranks turn them into a checkpoint and a clean stop, which a spare rank ending
+    first would cut short (the launcher ends the job when one rank dies)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    return world.join_spare_ranks(0)
+
+
+def announce_spare_ranks(world: Comm, computing: Comm) -> None:
+    """Rank 0 says which ranks compute, and why (before the logging of the computing ranks)."""
+    if world.is_root:
+        logger.info("%d of %d ranks compute: a host has more ranks than cores, and the ranks "
+                    "beyond its cores would only take turns on them; the %d spare rank(s) "
+                    "wait asleep until the end (%s=compute makes every rank compute)",
+                    computing.size, world.size, world.spare_ranks, SPARE_RANKS_ENV)

@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point (``dpvit-train``)."""
     args = sys.argv[1:] if argv is None else argv
     sys.exit(run_main(partial(run, argv=argv), argv, single_process="--debug" in args,
-                      parse_args=load_config, announce_threads=True))
+                      parse_args=load_config, announce_threads=True, spare_ranks=True))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import numpy as np
 from dpvit.errors import ConfigError, InputError
 from dpvit.nn import functional as F
 from dpvit.nn.attention import Attention
-from dpvit.nn.layers import GELU, Conv2d, Dropout, Layer, LayerNorm, Linear
+from dpvit.nn.layers import GELU, Conv2d, Dropout, Layer, LayerNorm, Linear, no_tick
 from dpvit.nn.params import ParamStore
 from dpvit.nn.patch_embed import PatchEmbed, stem_widths
 from dpvit.options import option
@@ -131,9 +131,10 @@ class Mlp(Layer):
             x = layer.forward(x, train)
         return x
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, tick: Callable[[], None] = no_tick) -> np.ndarray:
         for layer in reversed(self.sequence):
             dy = layer.backward(dy)
+            tick()
         return dy
 
 
@@ -167,11 +168,13 @@ class Block(Layer):
         out += x_attn
         return out
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, tick: Callable[[], None] = no_tick) -> np.ndarray:
+        """``tick()`` is called between the layers (see `VisionTransformer.backward`)."""
         # the residual sends dy both around and through each branch (added in place, as above)
-        dx = self.norm2.backward(self.mlp.backward(dy))
+        dx = self.norm2.backward(self.mlp.backward(dy, tick))
         dx += dy
-        dx_in = self.norm1.backward(self.attn.backward(dx))
+        tick()
+        dx_in = self.norm1.backward(self.attn.backward(dx, tick))
         dx_in[:, : dx.shape[1]] += dx
         return dx_in
 
@@ -298,7 +301,9 @@ class VisionTransformer(Layer):
         backward has added every gradient up to the end of the buffer (the buffer's layout
         follows construction: the cls token and position embedding, the patch embedding,
         the blocks, the norm, the head; backward runs mostly in reverse), so that a bucketed
-        allreduce may start on it (``dpvit.parallel.gradsync``).
+        allreduce may start on it (``dpvit.parallel.gradsync``); and again with the same offset
+        between the layers inside each block, so that the allreduce's buckets in flight move
+        on while backward runs (MPICH progresses them only inside MPI calls).
         """
         B, T, D = self._take_cache()
         done = _ReadyTracker(self, on_ready)
@@ -312,13 +317,13 @@ class VisionTransformer(Layer):
         dh = self.norm.backward(dh)
         done("norm")
         for i, block in reversed(list(enumerate(self.blocks))):
-            dh = block.backward(dh)
+            dh = block.backward(dh, done.tick)
             done(f"blocks.{i}")
         if self.fixed_pos_embed is None:
             self.grads["pos_embed"] += dh.sum(axis=0, keepdims=True)
         self.grads["cls_token"] += dh[:, :1].sum(axis=0, keepdims=True)
         done("cls_token", "pos_embed")
-        dx = self.patch_embed.backward(dh[:, 1:], input_grad=input_grad)
+        dx = self.patch_embed.backward(dh[:, 1:], input_grad=input_grad, tick=done.tick)
         done("patch_embed")
         return dx
 
@@ -366,6 +371,12 @@ class _ReadyTracker:
         if offset is not None and offset != self.reported:
             self.reported = offset
             self.on_ready(offset)
+
+    def tick(self) -> None:
+        """Between layers: ``on_ready`` again with the offset last reported (starts nothing new,
+        lets the collectives in flight progress)."""
+        if self.on_ready is not None and self.reported >= 0:
+            self.on_ready(self.reported)
 
 
 def expected_num_params(cfg: ViTConfig) -> int:

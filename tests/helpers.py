@@ -91,7 +91,10 @@ def run_dpvit(module: str, args: list[str], ranks: int | None = None, timeout: f
     cmd = [sys.executable, "-m", f"dpvit.{module}", *args]
     if ranks is not None:
         cmd = [mpirun(), "-n", str(ranks), *cmd]
-    full_env = {**os.environ, "DPVIT_DATA_DIR": str(real_data_dir()), **(env or {})}
+    # every rank computes its own share even where ranks outnumber the cores, so that the
+    # N-rank tests shard N ways on any machine (tests/test_spare_ranks.py tests the default)
+    full_env = {**os.environ, "DPVIT_DATA_DIR": str(real_data_dir()),
+                "DPVIT_SPARE_RANKS": "compute", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
                           cwd=REPO)
 

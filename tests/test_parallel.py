@@ -82,9 +82,8 @@ def test_configure_threads(restore_process_state):
 def test_more_ranks_than_cores_are_told_how_many_share(restore_process_state, monkeypatch,
                                                        caplog):
     """A fact, not advice that contradicts the README's `mpirun -n 4` on 2 cores."""
-    monkeypatch.setattr(threads, "available_cores", lambda: 2)
     comm = pcomm.LocalComm()
-    comm.local_size, comm.oversubscribed = 4, True
+    comm.local_size, comm.host_cores, comm.oversubscribed = 4, 2, True
     with caplog.at_level(logging.INFO, logger="dpvit.parallel.threads"):
         assert threads.configure_threads(comm) == 1
     assert ("threads per rank: 1 (4 ranks share this host's 2 cores), one BLAS thread each"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from dpvit.nn import functional as F
-from dpvit.nn.layers import Dropout, Layer, Linear
+from dpvit.nn.layers import Dropout, Layer, Linear, no_tick
 
 
 class Attention(Layer):
@@ -63,11 +65,12 @@ class Attention(Layer):
         self.cache = (q, k, v, attn, attn_d, out)
         return self.proj_drop.forward(self.proj.forward(out.reshape(B, Q, D), train), train)
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, tick: Callable[[], None] = no_tick) -> np.ndarray:
         q, k, v, attn, attn_d, out = self._take_cache()
         B, H, Q, hd = q.shape
         N = k.shape[2]
         dout_rows = self.proj.backward(self.proj_drop.backward(dy)).reshape(B, Q, H, hd)
+        tick()
         dout = dout_rows.transpose(0, 2, 1, 3)  # (B, H, Q, hd) view
         # gradients are written straight into the (B, N, 3, H, hd) layout the qkv Linear wants
         dqkv = np.empty((B, N, 3, H, hd), dtype=dy.dtype)
@@ -85,6 +88,7 @@ class Attention(Layer):
         np.matmul(dscores, k, out=dq)
         dq *= self.scale
         np.matmul(dscores.transpose(0, 1, 3, 2), q, out=dk)  # q is already scaled
+        tick()
         dx = self.qkv.backward(dqkv.reshape(B, N, 3 * H * hd))
         if "bias" in self.qkv.grads:
             # The key bias adds q_i . b_k to every score of query i, which softmax cancels: its

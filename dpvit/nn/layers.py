@@ -18,6 +18,15 @@ from dpvit.nn import functional as F
 from dpvit.nn.params import Module
 
 
+def no_tick() -> None:
+    """The default ``tick`` of a composite layer's backward: nothing to do between layers.
+
+    Backward passes that take a ``tick`` call it between their layers, so that a caller
+    can do a little work of its own there: the bucketed allreduce lets MPI move the buckets
+    in flight (``dpvit.parallel.gradsync``), since MPICH progresses them only inside MPI calls.
+    """
+
+
 class Layer(Module):
     """A module with a forward/backward pair and a one-slot cache."""
 

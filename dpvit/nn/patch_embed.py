@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
-from dpvit.nn.layers import Conv2d, Layer, Linear, ReLU
+from dpvit.nn.layers import Conv2d, Layer, Linear, ReLU, no_tick
 
 
 def stem_widths(in_chans: int, embed_dim: int, patch_size: int) -> list[int]:
@@ -69,8 +71,10 @@ class PatchEmbed(Layer):
             x = layer.forward(x, train)  # ends (B, D, g, g)
         return x.reshape(B, x.shape[1], g * g).transpose(0, 2, 1)
 
-    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
-        """Accumulates the gradients; returns d(images), or None without ``input_grad``."""
+    def backward(self, dy: np.ndarray, input_grad: bool = True,
+                 tick: Callable[[], None] = no_tick) -> np.ndarray | None:
+        """Accumulates the gradients; returns d(images), or None without ``input_grad``;
+        ``tick()`` between the stem's layers (see `dpvit.nn.layers.no_tick`)."""
         B, _, D = dy.shape
         g, p, C = self.grid, self.patch_size, self.in_chans
         if self.kind == "linear":
@@ -82,4 +86,5 @@ class PatchEmbed(Layer):
         dx = dy.transpose(0, 2, 1).reshape(B, D, g, g)
         for layer in reversed(self.convs[1:]):
             dx = layer.backward(dx)
+            tick()
         return self.convs[0].backward(dx, input_grad=input_grad)  # the conv reading the images

@@ -22,6 +22,7 @@ import numpy as np
 
 from dpvit.errors import UserError
 from dpvit.parallel.launcher import launched_by_mpi
+from dpvit.parallel.threads import available_cores
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +41,11 @@ class Comm:
         size: Number of processes in the job.
         local_rank: Index among the processes on this host.
         local_size: Number of processes on this host (they share its cores).
-        oversubscribed: More processes on this host than cores this process may use; then
+        host_cores: Cores the processes on this host may run on together (the union of
+            their affinity masks).
+        oversubscribed: More processes on this host than `host_cores`; then
             `allreduce_sum_` waits asleep, handing the core to a rank still computing.
+        spare_ranks: How many ranks of the job compute nothing (set by `computing_ranks`).
         threads: Worker threads of this process, each running a model replica
             (`dpvit.parallel.replicas`); set by `configure_threads`.
     """
@@ -50,7 +54,9 @@ class Comm:
     size: int = 1
     local_rank: int = 0
     local_size: int = 1
+    host_cores: int = 1
     oversubscribed: bool = False
+    spare_ranks: int = 0
     threads: int = 1
 
     @property
@@ -215,6 +221,16 @@ class Comm:
         """End the whole job immediately with exit status `code` (no cleanup)."""
         raise NotImplementedError
 
+    def computing_ranks(self) -> Comm | None:
+        """The ranks that compute, as a communicator of their own; None on a spare rank
+        (`dpvit.parallel.threads.computes_steps`). Collective. Here: every rank computes."""
+        return self
+
+    def join_spare_ranks(self, code: int) -> int:
+        """Where the computing ranks end and the spare ranks wait: the largest exit code of
+        all ranks, on every rank. Collective on the whole job. Here: no spare rank."""
+        return code
+
 
 def flush_stdio() -> None:
     """Flush stdout and stderr before the process ends without Python's clean-up."""
@@ -225,6 +241,9 @@ def flush_stdio() -> None:
 
 class LocalComm(Comm):
     """A world of one process: collectives return their input unchanged."""
+
+    def __init__(self) -> None:
+        self.host_cores = available_cores()
 
     def barrier(self) -> None:
         """No other rank to wait for."""

@@ -21,7 +21,7 @@ import numpy as np
 
 from dpvit.parallel.comm import Comm, _check_contiguous, _check_root, flush_stdio
 from dpvit.parallel.deadline import DEFAULT_TIMEOUT_S, CollectiveDeadline
-from dpvit.parallel.threads import available_cores
+from dpvit.parallel.threads import affinity, computes_steps
 
 T = TypeVar("T")
 
@@ -35,6 +35,9 @@ SLEEPING_POLL_S = 1e-3
 #: allreduce: a fraction of the tens of milliseconds by which ranks finish their shares apart,
 #: so a rank wakes soon after the last one arrives (docs/performance.md compares intervals).
 OVERSUBSCRIBED_POLL_S = 1e-4
+#: How long a spare rank sleeps between polls while the others train: its wake-ups then cost
+#: the computing ranks nothing, and the job ends at most this much later.
+SPARE_POLL_S = 0.05
 
 class MPIComm(Comm):
     """`Comm` over an mpi4py communicator (MPI.COMM_WORLD by default).
@@ -53,9 +56,12 @@ class MPIComm(Comm):
         node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank = node.Get_rank()
         self.local_size = node.Get_size()
+        # the cores of the host's ranks together: a launcher that binds each rank to its own
+        # core gives every rank a mask of one core, and the host is still not oversubscribed
+        self.host_cores = len(frozenset().union(*node.allgather(affinity())))
         node.Free()
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
-        self.oversubscribed = self.local_size > available_cores()
+        self.oversubscribed = self.local_size > self.host_cores
         # MPI never matches a blocking collective with a nonblocking one, so every rank must
         # wait for the gradient in the same way: asleep in Iallreduce as soon as any host has
         # more ranks than cores (hosts may hold different numbers of ranks)
@@ -276,6 +282,31 @@ class MPIComm(Comm):
         time.sleep(ABORT_GRACE_S)  # let the launcher forward this rank's last message
         self._MPI.COMM_WORLD.Abort(code)
         os._exit(code)  # Abort does not return; this only satisfies NoReturn.
+
+    def computing_ranks(self) -> MPIComm | None:
+        """The ranks that compute, as an `MPIComm` of their own in rank order (this one when
+        every rank computes); None on a spare rank (`dpvit.parallel.threads.computes_steps`).
+        The number of spare ranks is kept in `spare_ranks`."""
+        computes = computes_steps(self.local_rank, self.host_cores)
+        with self._waiting("an allgather (which ranks compute)"):
+            flags = self._comm.allgather(computes)
+        self.spare_ranks = flags.count(False)
+        if not self.spare_ranks:
+            return self
+        with self._waiting("splitting off the spare ranks"):
+            computing = self._comm.Split(0 if computes else self._MPI.UNDEFINED, key=self.rank)
+        return MPIComm(computing) if computes else None
+
+    def join_spare_ranks(self, code: int) -> int:
+        """The largest exit code of all ranks, on every rank, asleep between tests (a spare
+        rank waits here for the whole training, so no collective deadline applies; the
+        computing ranks have their own)."""
+        if not self.spare_ranks:
+            return code
+        buf = np.array([code], dtype=np.int64)
+        request = self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
+        _wait_asleep(request, SPARE_POLL_S)
+        return int(buf[0])
 
 
 def _displacements(counts: tuple[int, ...]) -> list[int]:
