@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +133,40 @@ def assert_bitwise_same_state(path_a: Path, path_b: Path, step: int) -> None:
     assert a.ema.keys() == b.ema.keys()
     for name in a.ema:
         assert a.ema[name].tobytes() == b.ema[name].tobytes(), f"ema {name}"
+
+
+def rank_pids(job: int | str, ranks: int, timeout: float = 60) -> dict[int, int]:
+    """PMI rank -> pid of the dpvit.train processes whose environment holds
+    ``DPVIT_TEST_JOB=<job>`` (read from /proc); fails the test unless all ``ranks`` appear."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        found = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+                env = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"dpvit.train" not in cmd or not cmd[0].endswith(b"python"):
+                continue
+            marker = next((e for e in env if e.startswith(b"DPVIT_TEST_JOB=")), None)
+            if marker != f"DPVIT_TEST_JOB={job}".encode():
+                continue
+            rank = next((e for e in env if e.startswith(b"PMI_RANK=")), None)
+            if rank is not None:
+                found[int(rank.split(b"=")[1])] = int(entry.name)
+        if len(found) == ranks:
+            return found
+        time.sleep(0.2)
+    pytest.fail(f"the {ranks} ranks of the job did not start within {timeout} s")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

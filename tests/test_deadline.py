@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TINY_ARGS, mpirun, real_data_dir
+from helpers import TINY_ARGS, mpirun, process_alive, rank_pids, real_data_dir
 
 from dpvit.parallel.deadline import CollectiveDeadline, timeout_message
 
@@ -19,35 +19,8 @@ from dpvit.parallel.deadline import CollectiveDeadline, timeout_message
 LONG_TINY = [*TINY_ARGS, "--train-subset", "60000", "--log-every", "20"]
 
 
-def _rank_pids(proc: subprocess.Popen, ranks: int, timeout: float = 60) -> dict[int, int]:
-    """PMI rank -> pid of the python processes of an mpirun job (read from /proc)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        found = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                cmd = (entry / "cmdline").read_bytes().split(b"\0")
-                env = (entry / "environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"dpvit.train" not in cmd or not cmd[0].endswith(b"python"):
-                continue
-            marker = next((e for e in env if e.startswith(b"DPVIT_TEST_JOB=")), None)
-            if marker != f"DPVIT_TEST_JOB={proc.pid}".encode():
-                continue
-            rank = next((e for e in env if e.startswith(b"PMI_RANK=")), None)
-            if rank is not None:
-                found[int(rank.split(b"=")[1])] = int(entry.name)
-        if len(found) == ranks:
-            return found
-        time.sleep(0.2)
-    pytest.fail(f"the {ranks} ranks of the job did not start within {timeout} s")
-
-
 def _popen_marked(run_dir: Path, timeout_s: float, ranks: int = 2) -> subprocess.Popen:
-    env = {**os.environ, "DPVIT_DATA_DIR": str(real_data_dir())}
+    env = {**os.environ, "DPVIT_DATA_DIR": str(real_data_dir()), "DPVIT_SPARE_RANKS": "compute"}
     cmd = [mpirun(), "-n", str(ranks), sys.executable, "-m", "dpvit.train", *LONG_TINY,
            "--run-dir", str(run_dir), "--collective-timeout", str(timeout_s)]
     # the marker must hold mpirun's own pid, which is only known after the start: start a
@@ -69,14 +42,6 @@ def _wait_for_training(run_dir: Path, proc: subprocess.Popen, timeout: float = 6
     pytest.fail("training did not start")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def _finish(proc: subprocess.Popen, limit: float) -> tuple[float, str]:
     start = time.monotonic()
     try:
@@ -94,7 +59,7 @@ def _the_one_error(proc: subprocess.Popen, stderr: str, pids: dict[int, int]) ->
     assert proc.returncode != 0
     assert len(errors) == 1, stderr[-3000:]
     time.sleep(0.5)
-    assert not [pid for pid in pids.values() if _alive(pid)], "rank processes left"
+    assert not [pid for pid in pids.values() if process_alive(pid)], "rank processes left"
     return errors[0]
 
 
@@ -107,7 +72,7 @@ def test_a_stopped_rank_ends_the_job_with_one_line_naming_it(tmp_path):
     run_dir = tmp_path / "run"
     proc = _popen_marked(run_dir, timeout_s=3, ranks=3)
     try:
-        pids = _rank_pids(proc, 3)
+        pids = rank_pids(proc.pid, 3)
         _wait_for_training(run_dir, proc)
         os.kill(pids[1], signal.SIGSTOP)
         elapsed, stderr = _finish(proc, limit=3 + 15)
@@ -130,7 +95,7 @@ def test_a_rank_stuck_in_io_is_named_as_busy(tmp_path):
     os.mkfifo(run_dir / "metrics.jsonl")
     proc = _popen_marked(run_dir, timeout_s=3)
     try:
-        pids = _rank_pids(proc, 2)
+        pids = rank_pids(proc.pid, 2)
         _, stderr = _finish(proc, limit=60)
     finally:
         if proc.poll() is None:

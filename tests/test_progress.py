@@ -39,7 +39,7 @@ PLAIN = re.compile(r"epoch \d+ step (\d+)/(\d+) \((\d+)%\): loss \d+\.\d{4}, "
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 #: The plain-lines switch is left out: these runs choose their display themselves.
-# 8 epochs of 8 steps: enough for the 40-step runs below (the MNIST recipe has 4 epochs)
+# 8 epochs of 8 steps: enough for the 40-step runs below (the MNIST recipe has 5 epochs)
 ARGS = [*(a for a in TINY_ARGS if a != "--no-progress"), "--epochs", "8"]
 
 

@@ -6,11 +6,21 @@ train, on a communicator of their own; the others wait asleep for the end
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
-from helpers import REPO, assert_bitwise_same_state, load_params, mpirun, real_data_dir
+from helpers import (
+    REPO,
+    assert_bitwise_same_state,
+    load_params,
+    mpirun,
+    process_alive,
+    rank_pids,
+    real_data_dir,
+)
 
 from dpvit.errors import ConfigError
 from dpvit.parallel.threads import computes_steps
@@ -88,3 +98,39 @@ def test_ranks_bound_to_a_core_each_all_compute(tmp_path):
     log = train([mpirun(), "-n", "2", sys.executable, "-c", CORE_EACH], tmp_path, "wait")
     assert "ranks compute" not in log and "[rank 0/2]" in log, log
     assert "threads per rank: 1 (2 ranks share this host), one BLAS" in log, log
+
+
+@pytest.mark.mpi
+def test_a_stopped_spare_rank_ends_the_job_at_the_collective_timeout(tmp_path):
+    """The computing rank finishes and waits for the spare rank under the collective deadline:
+    a spare rank that was stopped (SIGSTOP) ends the job with the one timeout line naming it,
+    and no process is left, instead of a job that never ends."""
+    job = f"spare-{os.getpid()}-{time.monotonic_ns()}"
+    cmd = [sys.executable, "-c", ONE_CORE, mpirun(), "-n", "2", sys.executable, "-m",
+           "dpvit.train", *ARGS, "--run-dir", str(tmp_path), "--collective-timeout", "3"]
+    env = {**os.environ, "DPVIT_SPARE_RANKS": "wait", "DPVIT_DATA_DIR": str(real_data_dir()),
+           "DPVIT_TEST_JOB": job}
+    log = tmp_path / "job.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    try:
+        pids = rank_pids(job, 2)
+        # once the ranks have split (rank 0 says so), before training has begun
+        end = time.monotonic() + 60
+        while "1 of 2 ranks compute" not in log.read_text() and time.monotonic() < end:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.05)
+        os.kill(pids[1], signal.SIGSTOP)
+        proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = log.read_text()
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert proc.returncode != 0 and len(errors) == 1, stderr[-3000:]
+    assert "in the spare ranks' exit during the end of the run" in errors[0], errors[0]
+    assert "rank(s) [1] did not answer" in errors[0], errors[0]
+    assert (tmp_path / "checkpoints" / "last.h5").is_file()  # the training itself completed
+    time.sleep(0.5)
+    assert not [pid for pid in pids.values() if process_alive(pid)], "rank processes left"

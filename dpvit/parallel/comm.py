@@ -227,8 +227,9 @@ class Comm:
         return self
 
     def join_spare_ranks(self, code: int) -> int:
-        """Where the computing ranks end and the spare ranks wait: the largest exit code of
-        all ranks, on every rank. Collective on the whole job. Here: no spare rank."""
+        """Where the computing ranks end and the spare ranks wait: the computing ranks' exit
+        code (which they agree on), on every rank. Collective on the whole job. Here: no
+        spare rank."""
         return code
 
 

@@ -44,12 +44,16 @@ class MPIComm(Comm):
 
     Args:
         comm: The mpi4py communicator to wrap; None means MPI.COMM_WORLD.
+        parent: The communicator this one was split from (`computing_ranks`): its collective
+            timeout follows this one's.
     """
 
-    def __init__(self, comm: Any = None) -> None:
+    def __init__(self, comm: Any = None, parent: MPIComm | None = None) -> None:
         from mpi4py import MPI
 
         self._MPI = MPI
+        self._parent = parent
+        self._computes = True
         self._comm = MPI.COMM_WORLD if comm is None else comm
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
@@ -77,11 +81,15 @@ class MPIComm(Comm):
         """Seconds a rank may wait in one collective before the job stops (0: forever)."""
         if self._deadline is not None:
             self._deadline.set_timeout(seconds)
+        if self._parent is not None:  # the job's end, where spare ranks join, is bounded too
+            self._parent.set_collective_timeout(seconds)
 
     def set_context(self, text: str) -> None:
         """What the job is doing, for the collective-timeout message (e.g. "step 14")."""
         if self._deadline is not None:
             self._deadline.context = text
+        if self._parent is not None:
+            self._parent.set_context(text)
 
     @contextlib.contextmanager
     def no_deadline(self) -> Iterator[None]:
@@ -287,7 +295,7 @@ class MPIComm(Comm):
         """The ranks that compute, as an `MPIComm` of their own in rank order (this one when
         every rank computes); None on a spare rank (`dpvit.parallel.threads.computes_steps`).
         The number of spare ranks is kept in `spare_ranks`."""
-        computes = computes_steps(self.local_rank, self.host_cores)
+        computes = self._computes = computes_steps(self.local_rank, self.host_cores)
         with self._waiting("an allgather (which ranks compute)"):
             flags = self._comm.allgather(computes)
         self.spare_ranks = flags.count(False)
@@ -295,17 +303,34 @@ class MPIComm(Comm):
             return self
         with self._waiting("splitting off the spare ranks"):
             computing = self._comm.Split(0 if computes else self._MPI.UNDEFINED, key=self.rank)
-        return MPIComm(computing) if computes else None
+        return MPIComm(computing, parent=self) if computes else None
 
     def join_spare_ranks(self, code: int) -> int:
-        """The largest exit code of all ranks, on every rank, asleep between tests (a spare
-        rank waits here for the whole training, so no collective deadline applies; the
-        computing ranks have their own)."""
+        """Where the computing ranks end and the spare ranks wait: rank 0's exit code, on
+        every rank (the computing ranks reach this only with a code they agree on; a failure
+        they do not agree on ends the job with `abort`).
+
+        The code travels in a broadcast from rank 0 (which always computes), then every rank
+        enters a barrier. A spare rank waits in the broadcast asleep for the whole training,
+        with no deadline; the computing ranks wait in the barrier under the collective
+        deadline, and a spare rank enters it only after it has received the code: a spare
+        rank that was stopped or hung meanwhile ends the job with the timeout line instead
+        of leaving it waiting forever (a collective that a rank joins by posting its data
+        alone, such as an allreduce, would complete without it, and the job would then wait
+        in MPI_Finalize)."""
         if not self.spare_ranks:
             return code
         buf = np.array([code], dtype=np.int64)
-        request = self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
-        _wait_asleep(request, SPARE_POLL_S)
+        sent = self._comm.Ibcast(buf, root=0)
+        if self._computes:
+            self.set_context("the end of the run")
+            with self._waiting("the spare ranks' exit"):
+                _wait_asleep(sent, SPARE_POLL_S)
+                _wait_asleep(self._comm.Ibarrier(), SPARE_POLL_S)
+        else:
+            self.set_context("its wait as a spare rank")
+            _wait_asleep(sent, SPARE_POLL_S)
+            _wait_asleep(self._comm.Ibarrier(), SPARE_POLL_S)
         return int(buf[0])
 
 
