@@ -134,3 +134,34 @@ def test_a_stopped_spare_rank_ends_the_job_at_the_collective_timeout(tmp_path):
     assert (tmp_path / "checkpoints" / "last.h5").is_file()  # the training itself completed
     time.sleep(0.5)
     assert not [pid for pid in pids.values() if process_alive(pid)], "rank processes left"
+
+
+@pytest.mark.mpi
+def test_sigterm_stops_the_computing_ranks_with_a_checkpoint_while_the_spare_rank_waits(
+        tmp_path):
+    """SIGTERM to mpirun reaches every rank: the spare rank ignores it and waits, the
+    computing rank stops at a step boundary with a checkpoint, and the job exits 143 as a
+    job without spare ranks does (README, "Reliability")."""
+    log = tmp_path / "job.log"
+    cmd = [sys.executable, "-c", ONE_CORE, mpirun(), "-n", "2", sys.executable, "-m",
+           "dpvit.train", *ARGS, "--epochs", "1000", "--max-steps", "100000", "--log-every",
+           "1", "--run-dir", str(tmp_path / "run")]
+    env = {**os.environ, "DPVIT_SPARE_RANKS": "wait", "DPVIT_DATA_DIR": str(real_data_dir())}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    try:
+        end = time.monotonic() + 60
+        while "step 11/" not in log.read_text() and time.monotonic() < end:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 143, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    stops = [line for line in text.splitlines() if "stopped by SIGTERM" in line]
+    assert len(stops) == 1 and "[rank 0/1] warning:" in stops[0], text[-3000:]
+    step = int(stops[0].split("after step ")[1].split(";")[0])
+    assert step >= 11 and (tmp_path / "run" / "checkpoints" / "last.h5").is_file()
