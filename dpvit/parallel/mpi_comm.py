@@ -324,11 +324,11 @@ class MPIComm(Comm):
         sent = self._comm.Ibcast(buf, root=0)
         if self._computes:
             self.set_context("the end of the run")
-            with self._waiting("the spare ranks' exit"):
-                _wait_asleep(sent, SPARE_POLL_S)
-                _wait_asleep(self._comm.Ibarrier(), SPARE_POLL_S)
+            waiting = self._waiting("the spare ranks' exit")
         else:
             self.set_context("its wait as a spare rank")
+            waiting = contextlib.nullcontext()
+        with waiting:
             _wait_asleep(sent, SPARE_POLL_S)
             _wait_asleep(self._comm.Ibarrier(), SPARE_POLL_S)
         return int(buf[0])
