@@ -19,8 +19,8 @@ def test_mnist_preset_changes_only_what_its_comments_explain():
     changed = {f.name for f in dataclasses.fields(TrainConfig)
                if getattr(preset.train, f.name) != getattr(default.train, f.name)}
     assert changed == {"epochs", "warmup_epochs"}
-    assert (preset.train.epochs, preset.train.warmup_epochs) == (4, 0.3)
-    assert preset.model == dataclasses.replace(default.model, patch_embed="stem", depth=5)
+    assert (preset.train.epochs, preset.train.warmup_epochs) == (5, 0.3)
+    assert preset.model == dataclasses.replace(default.model, patch_embed="stem", depth=4)
     assert {"lr", "batch_size", "epochs"} <= explicit
 
 

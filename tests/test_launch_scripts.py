@@ -33,10 +33,12 @@ def _local(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 @pytest.mark.mpi
 def test_local_sh_trains_on_np_ranks(tmp_path):
     """As a user with the environment activated runs it: ``python`` from PATH, NP=3 ranks
-    (not the default of one per core on a 2-core machine)."""
+    (not the default of one per core on a 2-core machine), every one computing (without
+    DPVIT_SPARE_RANKS=compute a machine with fewer cores leaves some spare)."""
     run = tmp_path / "run"
     result = _local([*TINY_ARGS, "--max-steps", "2", "--run-dir", str(run)],
-                    {"NP": "3", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
+                    {"NP": "3", "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+                     "DPVIT_SPARE_RANKS": "compute"})
     assert result.returncode == 0, result.stderr
     assert "[rank 0/3]" in result.stderr and "on 3 rank(s)" in result.stderr
     ckpt = load_checkpoint(run / "checkpoints" / "last.h5")
