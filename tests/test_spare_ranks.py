@@ -100,26 +100,35 @@ def test_ranks_bound_to_a_core_each_all_compute(tmp_path):
     assert "threads per rank: 1 (2 ranks share this host), one BLAS" in log, log
 
 
+def start_on_one_core(log, *args, **env):
+    """`mpirun -n 2 python -m dpvit.train` on one core (rank 1 spare) in the background, its
+    output in ``log``."""
+    cmd = [sys.executable, "-c", ONE_CORE, mpirun(), "-n", "2", sys.executable, "-m",
+           "dpvit.train", *ARGS, *args]
+    env = {**os.environ, "DPVIT_SPARE_RANKS": "wait", "DPVIT_DATA_DIR": str(real_data_dir()),
+           **env}
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+
+
+def wait_for_line(log, text, proc, timeout=60):
+    end = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < end, log.read_text()[-3000:]
+        time.sleep(0.02)
+
+
 @pytest.mark.mpi
 def test_a_stopped_spare_rank_ends_the_job_at_the_collective_timeout(tmp_path):
     """The computing rank finishes and waits for the spare rank under the collective deadline:
     a spare rank that was stopped (SIGSTOP) ends the job with the one timeout line naming it,
     and no process is left, instead of a job that never ends."""
-    job = f"spare-{os.getpid()}-{time.monotonic_ns()}"
-    cmd = [sys.executable, "-c", ONE_CORE, mpirun(), "-n", "2", sys.executable, "-m",
-           "dpvit.train", *ARGS, "--run-dir", str(tmp_path), "--collective-timeout", "3"]
-    env = {**os.environ, "DPVIT_SPARE_RANKS": "wait", "DPVIT_DATA_DIR": str(real_data_dir()),
-           "DPVIT_TEST_JOB": job}
-    log = tmp_path / "job.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    job, log = f"spare-{os.getpid()}-{time.monotonic_ns()}", tmp_path / "job.log"
+    proc = start_on_one_core(log, "--run-dir", str(tmp_path), "--collective-timeout", "3",
+                             DPVIT_TEST_JOB=job)
     try:
         pids = rank_pids(job, 2)
-        # once the ranks have split (rank 0 says so), before training has begun
-        end = time.monotonic() + 60
-        while "1 of 2 ranks compute" not in log.read_text() and time.monotonic() < end:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.05)
+        wait_for_line(log, "1 of 2 ranks compute", proc)  # split, before training begins
         os.kill(pids[1], signal.SIGSTOP)
         proc.wait(timeout=90)
     finally:
@@ -143,17 +152,10 @@ def test_sigterm_stops_the_computing_ranks_with_a_checkpoint_while_the_spare_ran
     computing rank stops at a step boundary with a checkpoint, and the job exits 143 as a
     job without spare ranks does (README, "Reliability")."""
     log = tmp_path / "job.log"
-    cmd = [sys.executable, "-c", ONE_CORE, mpirun(), "-n", "2", sys.executable, "-m",
-           "dpvit.train", *ARGS, "--epochs", "1000", "--max-steps", "100000", "--log-every",
-           "1", "--run-dir", str(tmp_path / "run")]
-    env = {**os.environ, "DPVIT_SPARE_RANKS": "wait", "DPVIT_DATA_DIR": str(real_data_dir())}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    proc = start_on_one_core(log, "--epochs", "1000", "--max-steps", "100000", "--log-every",
+                             "1", "--run-dir", str(tmp_path / "run"))
     try:
-        end = time.monotonic() + 60
-        while "step 11/" not in log.read_text() and time.monotonic() < end:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.02)
+        wait_for_line(log, "step 11/", proc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 143, log.read_text()[-3000:]
     finally:
