@@ -5,6 +5,7 @@ train, on a communicator of their own; the others wait asleep for the end
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -100,15 +101,22 @@ def test_ranks_bound_to_a_core_each_all_compute(tmp_path):
     assert "threads per rank: 1 (2 ranks share this host), one BLAS" in log, log
 
 
-def start_on_one_core(log, *args, **env):
+@contextlib.contextmanager
+def job_on_one_core(log, *args, **env):
     """`mpirun -n 2 python -m dpvit.train` on one core (rank 1 spare) in the background, its
-    output in ``log``."""
+    output in ``log``; killed on leaving the block if it still runs."""
     cmd = [sys.executable, "-c", ONE_CORE, mpirun(), "-n", "2", sys.executable, "-m",
            "dpvit.train", *ARGS, *args]
     env = {**os.environ, "DPVIT_SPARE_RANKS": "wait", "DPVIT_DATA_DIR": str(real_data_dir()),
            **env}
     with open(log, "w") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def wait_for_line(log, text, proc, timeout=60):
@@ -124,17 +132,12 @@ def test_a_stopped_spare_rank_ends_the_job_at_the_collective_timeout(tmp_path):
     a spare rank that was stopped (SIGSTOP) ends the job with the one timeout line naming it,
     and no process is left, instead of a job that never ends."""
     job, log = f"spare-{os.getpid()}-{time.monotonic_ns()}", tmp_path / "job.log"
-    proc = start_on_one_core(log, "--run-dir", str(tmp_path), "--collective-timeout", "3",
-                             DPVIT_TEST_JOB=job)
-    try:
+    with job_on_one_core(log, "--run-dir", str(tmp_path), "--collective-timeout", "3",
+                         DPVIT_TEST_JOB=job) as proc:
         pids = rank_pids(job, 2)
         wait_for_line(log, "1 of 2 ranks compute", proc)  # split, before training begins
         os.kill(pids[1], signal.SIGSTOP)
         proc.wait(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     stderr = log.read_text()
     errors = [line for line in stderr.splitlines() if "error:" in line]
     assert proc.returncode != 0 and len(errors) == 1, stderr[-3000:]
@@ -152,16 +155,11 @@ def test_sigterm_stops_the_computing_ranks_with_a_checkpoint_while_the_spare_ran
     computing rank stops at a step boundary with a checkpoint, and the job exits 143 as a
     job without spare ranks does (README, "Reliability")."""
     log = tmp_path / "job.log"
-    proc = start_on_one_core(log, "--epochs", "1000", "--max-steps", "100000", "--log-every",
-                             "1", "--run-dir", str(tmp_path / "run"))
-    try:
+    with job_on_one_core(log, "--epochs", "1000", "--max-steps", "100000", "--log-every", "1",
+                         "--run-dir", str(tmp_path / "run")) as proc:
         wait_for_line(log, "step 11/", proc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 143, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     text = log.read_text()
     stops = [line for line in text.splitlines() if "stopped by SIGTERM" in line]
     assert len(stops) == 1 and "[rank 0/1] warning:" in stops[0], text[-3000:]
