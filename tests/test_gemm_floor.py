@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
 
-from helpers import REPO
+from helpers import REPO, load_launch_script
 
 from dpvit.flops import forward_flops_per_image
 from dpvit.vit import ViTConfig
 
 SCRIPT = REPO / "launch" / "gemm_floor.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("gemm_floor", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_replayed_products_are_the_models_flops_less_what_dpvit_skips():
@@ -32,7 +24,7 @@ def test_the_replayed_products_are_the_models_flops_less_what_dpvit_skips():
     skipped_forward = (N - 1) * (2 * D * (D + 2 * hidden) + 2 * 2 * N * D)
     patch_input_grad = 2 * (N - 1) * cfg.patch_size**2 * D
     expected = batch * (3 * (forward_flops_per_image(cfg) - skipped_forward) - patch_input_grad)
-    _, flops = _load_script().products_of_step(cfg, batch)
+    _, flops = load_launch_script("gemm_floor").products_of_step(cfg, batch)
     assert flops == expected
 
 

@@ -8,25 +8,16 @@ keys of dpvit.report, wall_time_s.txt from results.py's own timing).
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_launch_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_results_module():
-    spec = importlib.util.spec_from_file_location("launch_results", REPO / "launch" / "results.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-results = _load_results_module()
+results = load_launch_script("results")
 
 MNIST_CLASSES = [str(k) for k in range(10)]
 

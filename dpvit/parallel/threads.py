@@ -24,7 +24,7 @@ SPARE_RANK_MODES = ("wait", "compute")
 
 def available_cores() -> int:
     """CPU cores this process may run on (its affinity mask where the OS reports one)."""
-    return len(affinity()) if hasattr(os, "sched_getaffinity") else max(1, os.cpu_count() or 1)
+    return len(affinity())
 
 
 def affinity() -> frozenset[int]:
@@ -41,7 +41,7 @@ def computes_steps(local_rank: int, host_cores: int) -> bool:
     affinity masks, so ranks that a launcher binds to a core each all compute). On a host with
     more ranks than that, ranks take turns on the cores, and every rank pays its per-step
     fixed costs (Python overhead per layer, the optimizer over all parameters, GEMMs on fewer
-    images) on a core another rank needs: ``mpirun -n 4`` on 2 cores trained at ~0.8x
+    images) on a core another rank needs: ``mpirun -n 4`` on 2 cores trained slower than
     ``-n 2`` (docs/performance.md). So by default only the first ``host_cores`` ranks of such
     a host compute: training runs on a communicator of the computing ranks alone (it is then
     the training of that many ranks, bit for bit), and the spare ranks wait asleep for its
@@ -79,7 +79,6 @@ def configure_threads(comm: Comm, threads: int | None = None,
     Returns:
         The number of worker threads chosen.
     """
-    cores = available_cores()
     if threads is None and os.environ.get("DPVIT_NUM_THREADS"):
         threads = int(os.environ["DPVIT_NUM_THREADS"])
         reason = "DPVIT_NUM_THREADS"
@@ -91,7 +90,7 @@ def configure_threads(comm: Comm, threads: int | None = None,
     elif comm.local_size > 1:
         threads, reason = 1, f"{comm.local_size} ranks share this host"
     else:
-        threads, reason = cores, "one rank on this host"
+        threads, reason = comm.host_cores, "one rank on this host"
     comm.threads = max(1, threads)
     for name in THREAD_ENV_VARS:
         os.environ[name] = "1"
