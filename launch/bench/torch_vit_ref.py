@@ -97,6 +97,12 @@ def main():
         print(f"torch {torch.__version__} world={world} threads={a.threads} "
               f"batch/proc={a.batch} params={params} "
               f"images/s={a.batch * world * a.steps / dt:.0f}")
+    if ddp:
+        # left to interpreter exit, gloo's threads sometimes abort a rank ("terminate called
+        # without an active exception") after the result is printed, failing the job
+        dist.barrier()
+        del m, opt
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
